@@ -1,0 +1,207 @@
+// The CPU engine of the elementwise pair ops: one flat work list of
+// (pair, element range) items over all tensors, split evenly by element count
+// across at::parallel_for threads, each item run with at::vec::Vectorized in the
+// pair's opmath type (float for float32/float16/bfloat16, double for float64).
+// Reduced-precision values are converted to float in registers.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../pair_args.h"
+
+namespace wavg_ext::cpu {
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
+// Moves 2 * Vectorized<opmath>::size() elements of T between memory and two
+// opmath vectors (one Vectorized<T> for the 16-bit types).
+template <typename T>
+struct VecIO {
+  using opmath_t = typename OpMath<T>::type;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  static constexpr int64_t kStep = 2 * Vec::size();
+
+  static void load(const T* p, Vec& lo, Vec& hi) {
+    if constexpr (std::is_same_v<T, opmath_t>) {
+      lo = Vec::loadu(p);
+      hi = Vec::loadu(p + Vec::size());
+    } else {
+      auto both = at::vec::Vectorized<T>::loadu(p);
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(both);
+    }
+  }
+  static void store(T* p, const Vec& lo, const Vec& hi) {
+    if constexpr (std::is_same_v<T, opmath_t>) {
+      lo.store(p);
+      hi.store(p + Vec::size());
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    }
+  }
+};
+
+// Runs op on n elements. The tail goes through the same vector code via a small
+// buffer, so every element gets identical arithmetic wherever it sits.
+template <typename out_t, typename in_t, bool kReadsOut, typename Op>
+void run_range(out_t* out, const in_t* in, int64_t n, const Op& op) {
+  static_assert(VecIO<out_t>::kStep == VecIO<in_t>::kStep, "pair must share an opmath type");
+  using Vec = typename VecIO<out_t>::Vec;
+  constexpr int64_t kStep = VecIO<out_t>::kStep;
+  Vec a0, a1, x0, x1;
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    VecIO<in_t>::load(in + i, x0, x1);
+    if constexpr (kReadsOut) VecIO<out_t>::load(out + i, a0, a1);
+    VecIO<out_t>::store(out + i, op(a0, x0), op(a1, x1));
+  }
+  if (i < n) {
+    const int64_t rest = n - i;
+    alignas(64) out_t obuf[kStep] = {};
+    alignas(64) in_t ibuf[kStep] = {};
+    std::memcpy(ibuf, in + i, rest * sizeof(in_t));
+    if constexpr (kReadsOut) std::memcpy(obuf, out + i, rest * sizeof(out_t));
+    VecIO<in_t>::load(ibuf, x0, x1);
+    if constexpr (kReadsOut) VecIO<out_t>::load(obuf, a0, a1);
+    VecIO<out_t>::store(obuf, op(a0, x0), op(a1, x1));
+    std::memcpy(out + i, obuf, rest * sizeof(out_t));
+  }
+}
+
+// Calls f(out_t{}, in_t{}) for the dtype pairs the validation admits.
+template <typename F>
+void dispatch_pair(c10::ScalarType out, c10::ScalarType in, const F& f) {
+  using c10::ScalarType;
+  using c10::BFloat16;
+  using c10::Half;
+  if (out == in) {
+    switch (out) {
+      case ScalarType::Float: return f(float{}, float{});
+      case ScalarType::Double: return f(double{}, double{});
+      case ScalarType::Half: return f(Half{}, Half{});
+      case ScalarType::BFloat16: return f(BFloat16{}, BFloat16{});
+      default: break;
+    }
+  } else if (out == ScalarType::Float) {
+    if (in == ScalarType::Half) return f(float{}, Half{});
+    if (in == ScalarType::BFloat16) return f(float{}, BFloat16{});
+  } else if (in == ScalarType::Float) {
+    if (out == ScalarType::Half) return f(Half{}, float{});
+    if (out == ScalarType::BFloat16) return f(BFloat16{}, float{});
+  }
+  TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);  // validated earlier
+}
+
+// Elements per work item: large enough to amortize the per-item dispatch, small
+// enough that splitting items between threads balances well.
+constexpr int64_t kItemElements = 32768;
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kMinParallelElements = 65536;
+
+// Applies op to every pair of the plan: op.template bind<opmath_t>() gives a
+// callable Vec(Vec out, Vec in) for each opmath type.
+template <bool kReadsOut, typename Op>
+void apply_pairs(const PairPlan& plan, const Op& op) {
+  struct Item {
+    int64_t pair, begin, end;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> item_start;  // elements before this item, over all items
+  int64_t total = 0;
+  for (size_t p = 0; p < plan.pairs.size(); ++p) {
+    const int64_t n = plan.pairs[p].numel;
+    for (int64_t b = 0; b < n; b += kItemElements) {
+      items.push_back({static_cast<int64_t>(p), b, std::min(n, b + kItemElements)});
+      item_start.push_back(total);
+      total += items.back().end - b;
+    }
+  }
+  if (items.empty()) return;
+
+  auto run_items = [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Item& it = items[k];
+      const PairView& pair = plan.pairs[it.pair];
+      dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
+        using out_t = decltype(o);
+        using in_t = decltype(x);
+        using opmath_t = typename OpMath<out_t>::type;
+        run_range<out_t, in_t, kReadsOut>(static_cast<out_t*>(pair.out) + it.begin,
+                                          static_cast<const in_t*>(pair.in) + it.begin,
+                                          it.end - it.begin, op.template bind<opmath_t>());
+      });
+    }
+  };
+
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(),
+                                             (total + kMinParallelElements - 1) / kMinParallelElements);
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    run_items(0, static_cast<int64_t>(items.size()));
+    return;
+  }
+  // Thread t takes the items that start in [t, t+1) * total / nthreads elements,
+  // so every thread moves about the same number of bytes.
+  auto first_item_at = [&](int64_t t) {
+    const int64_t start = total / nthreads * t + std::min(t, total % nthreads);
+    return static_cast<int64_t>(std::lower_bound(item_start.begin(), item_start.end(), start) -
+                                item_start.begin());
+  };
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) run_items(first_item_at(t), first_item_at(t + 1));
+  });
+}
+
+// out <- lerp(out, in, w), torch.lerp's formula (ATen's vectorized lerp_vec), so the
+// result is bit-identical to torch.lerp / torch._foreach_lerp_ for float32.
+struct LerpOp {
+  double weight;
+  template <typename T>
+  auto bind() const {
+    using Vec = at::vec::Vectorized<T>;
+    const T w = static_cast<T>(weight);
+    const bool small = std::abs(w) < T(0.5);
+    const Vec coeff(small ? w : w - T(1));
+    return [coeff, small](const Vec& a, const Vec& x) {
+      return at::vec::fmadd(coeff, x - a, small ? a : x);
+    };
+  }
+};
+
+// out <- scale * in (out is not read).
+struct ScaleOp {
+  double scale;
+  template <typename T>
+  auto bind() const {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec s(static_cast<T>(scale));
+    return [s](const Vec&, const Vec& x) { return s * x; };
+  }
+};
+
+// out <- out + alpha * in.
+struct AxpyOp {
+  double alpha;
+  template <typename T>
+  auto bind() const {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec s(static_cast<T>(alpha));
+    return [s](const Vec& a, const Vec& x) { return at::vec::fmadd(s, x, a); };
+  }
+};
+
+}  // namespace wavg_ext::cpu

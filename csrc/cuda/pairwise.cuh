@@ -1,0 +1,222 @@
+// The CUDA side of the elementwise pair ops (out[i] = f(out[i], in[i])): a
+// multi-tensor-apply functor with a 16-byte vectorized path when both chunk bases
+// are 16-byte aligned and a scalar path otherwise, arithmetic in opmath (float
+// for float32/float16/bfloat16, double for float64), and the host code that
+// groups a PairPlan by dtype pair and launches.
+//
+// An op is a struct with kReadsOut and a device function bind<opmath_t>(double s)
+// returning the per-element callable for scalar s; s comes from the host or is
+// read from a one-element device tensor by each block (no host sync).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "../pair_args.h"
+#include "multi_tensor_apply.cuh"
+
+namespace wavg_ext::cuda {
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
+// The op's scalar as the kernel receives it.
+struct ScalarSource {
+  double value;
+  const void* ptr;  // one-element device tensor, or null: use value
+  int kind;         // dtype of *ptr: 0 float32, 1 float64, 2 int64, 3 int32
+};
+
+__device__ __forceinline__ double load_scalar(const ScalarSource& s) {
+  if (s.ptr == nullptr) return s.value;
+  switch (s.kind) {
+    case 0: return static_cast<double>(*static_cast<const float*>(s.ptr));
+    case 1: return *static_cast<const double*>(s.ptr);
+    case 2: return static_cast<double>(*static_cast<const int64_t*>(s.ptr));
+    default: return static_cast<double>(*static_cast<const int32_t*>(s.ptr));
+  }
+}
+
+__device__ __forceinline__ float fma_op(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_op(double a, double b, double c) { return fma(a, b, c); }
+
+// kVec elements of T, moved as whole 16-byte words.
+template <typename T, int kVec>
+struct alignas(16) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ void load_pack(Pack<T, kVec>& dst, const T* src) {
+  static_assert(sizeof(Pack<T, kVec>) % 16 == 0, "a pack is whole 16-byte words");
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(&dst);
+#pragma unroll
+  for (int w = 0; w < static_cast<int>(sizeof(Pack<T, kVec>) / 16); ++w) d[w] = s[w];
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T, kVec>& src) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  const uint4* s = reinterpret_cast<const uint4*>(&src);
+#pragma unroll
+  for (int w = 0; w < static_cast<int>(sizeof(Pack<T, kVec>) / 16); ++w) d[w] = s[w];
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+template <typename out_t, typename in_t, typename Op>
+struct PairFunctor {
+  using opmath_t = typename OpMath<out_t>::type;
+  // 16 bytes of the narrower type per vector (so 16 or 32 bytes of the wider one).
+  static constexpr int kVec = 16 / (sizeof(out_t) < sizeof(in_t) ? sizeof(out_t) : sizeof(in_t));
+  static constexpr int kILP = 4;  // vectors in flight per thread
+
+  __device__ __forceinline__ void operator()(void* ptrs[2], int64_t start, int64_t n,
+                                             ScalarSource scalar) const {
+    out_t* __restrict__ out = static_cast<out_t*>(ptrs[0]) + start;
+    const in_t* __restrict__ in = static_cast<const in_t*>(ptrs[1]) + start;
+    const auto fn = Op::template bind<opmath_t>(load_scalar(scalar));
+    auto apply = [&](out_t a, in_t x) {
+      const opmath_t av = Op::kReadsOut ? static_cast<opmath_t>(a) : opmath_t(0);
+      return static_cast<out_t>(fn(av, static_cast<opmath_t>(x)));
+    };
+
+    int64_t done = 0;
+    if (aligned16(out) && aligned16(in)) {
+      const int64_t nvec = n / kVec;
+      for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += static_cast<int64_t>(blockDim.x) * kILP) {
+        Pack<out_t, kVec> a[kILP];
+        Pack<in_t, kVec> x[kILP];
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) {
+          const int64_t v = v0 + j * static_cast<int64_t>(blockDim.x);
+          if (v < nvec) {
+            load_pack(x[j], in + v * kVec);
+            if (Op::kReadsOut) load_pack(a[j], out + v * kVec);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) {
+          const int64_t v = v0 + j * static_cast<int64_t>(blockDim.x);
+          if (v < nvec) {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) a[j].v[e] = apply(a[j].v[e], x[j].v[e]);
+            store_pack(out + v * kVec, a[j]);
+          }
+        }
+      }
+      done = nvec * kVec;
+    }
+    // Tail of an aligned chunk, or the whole of a misaligned one (e.g. x[1:]).
+    for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+      out[i] = apply(Op::kReadsOut ? out[i] : out_t(0), in[i]);
+    }
+  }
+};
+
+inline ScalarSource scalar_source(const ScalarArg& s) {
+  ScalarSource src{s.value, s.device_ptr, 0};
+  if (s.on_device()) {
+    switch (s.device_dtype) {
+      case c10::ScalarType::Float: src.kind = 0; break;
+      case c10::ScalarType::Double: src.kind = 1; break;
+      case c10::ScalarType::Long: src.kind = 2; break;
+      case c10::ScalarType::Int: src.kind = 3; break;
+      default: TORCH_CHECK(false, "wavg_ext: unsupported scalar dtype ", s.device_dtype);
+    }
+  }
+  return src;
+}
+
+template <typename out_t, typename in_t, typename Op>
+void launch_group(const std::vector<TensorEntry<2>>& entries, cudaStream_t stream,
+                  const ScalarSource& scalar) {
+  multi_tensor_apply<2>(entries, stream, PairFunctor<out_t, in_t, Op>{}, scalar);
+}
+
+// Runs Op over every pair of the plan: one multi-tensor-apply sequence per
+// (out dtype, in dtype) group, all on the current stream of the tensors' device.
+template <typename Op>
+void launch_pairs(const PairPlan& plan) {
+  if (plan.pairs.empty()) return;
+  using c10::ScalarType;
+  const c10::cuda::CUDAGuard guard(plan.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
+  const ScalarSource scalar = scalar_source(plan.scalar);
+
+  std::map<std::pair<ScalarType, ScalarType>, std::vector<TensorEntry<2>>> groups;
+  for (const PairView& p : plan.pairs) {
+    groups[{p.out_dtype, p.in_dtype}].push_back({{p.out, const_cast<void*>(p.in)}, p.numel});
+  }
+  for (const auto& [dtypes, entries] : groups) {
+    const auto [out, in] = dtypes;
+    using c10::BFloat16;
+    using c10::Half;
+    if (out == in) {
+      switch (out) {
+        case ScalarType::Float: launch_group<float, float, Op>(entries, stream, scalar); continue;
+        case ScalarType::Double: launch_group<double, double, Op>(entries, stream, scalar); continue;
+        case ScalarType::Half: launch_group<Half, Half, Op>(entries, stream, scalar); continue;
+        case ScalarType::BFloat16:
+          launch_group<BFloat16, BFloat16, Op>(entries, stream, scalar);
+          continue;
+        default: break;
+      }
+    } else if (out == ScalarType::Float && in == ScalarType::Half) {
+      launch_group<float, Half, Op>(entries, stream, scalar);
+      continue;
+    } else if (out == ScalarType::Float && in == ScalarType::BFloat16) {
+      launch_group<float, BFloat16, Op>(entries, stream, scalar);
+      continue;
+    } else if (out == ScalarType::Half && in == ScalarType::Float) {
+      if constexpr (!Op::kReadsOut) {  // casting assignment only (validated)
+        launch_group<Half, float, Op>(entries, stream, scalar);
+        continue;
+      }
+    } else if (out == ScalarType::BFloat16 && in == ScalarType::Float) {
+      if constexpr (!Op::kReadsOut) {
+        launch_group<BFloat16, float, Op>(entries, stream, scalar);
+        continue;
+      }
+    }
+    TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);  // validated earlier
+  }
+}
+
+// out <- lerp(out, in, w) with torch.lerp's formula (the same fused form as the
+// CPU kernels and ATen's lerp). copy_first: running_mean_'s count 0 copies.
+template <typename T>
+struct LerpFn {
+  T coeff;
+  bool small;
+  bool copy;
+  __device__ __forceinline__ T operator()(T a, T x) const {
+    return copy ? x : fma_op(coeff, x - a, small ? a : x);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ LerpFn<T> make_lerp(double weight, bool copy) {
+  const T w = static_cast<T>(weight);
+  const bool small = (w < T(0) ? -w : w) < T(0.5);
+  return {small ? w : w - T(1), small, copy};
+}
+
+}  // namespace wavg_ext::cuda

@@ -1,0 +1,273 @@
+#include "pair_args.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+
+namespace wavg_ext {
+
+const OpSpec kRunningMeanSpec{"running_mean_", "avgs", "xs", "count", PairRule::kAverage,
+                              ScalarRule::kFiniteNonNegative, true};
+const OpSpec kEmaSpec{"ema_", "avgs", "xs", "weight", PairRule::kAverage, ScalarRule::kFinite, true};
+const OpSpec kAccumulateSpec{"accumulate_", "sums", "xs", "alpha", PairRule::kAverage,
+                             ScalarRule::kFinite, true};
+const OpSpec kScaleCopySpec{"scale_copy_", "dsts", "srcs", "scale", PairRule::kCast,
+                            ScalarRule::kFinite, false};
+
+const OpSpec& spec_by_name(const std::string& name) {
+  for (const OpSpec* s : {&kRunningMeanSpec, &kEmaSpec, &kAccumulateSpec, &kScaleCopySpec}) {
+    if (name == s->name) return *s;
+  }
+  TORCH_CHECK_VALUE(false, "wavg_ext: unknown op '", name, "'");
+}
+
+bool is_supported_dtype(c10::ScalarType t) {
+  using c10::ScalarType;
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16 ||
+         t == ScalarType::Double;
+}
+
+namespace {
+
+using c10::ScalarType;
+
+bool is_reduced(ScalarType t) { return t == ScalarType::Half || t == ScalarType::BFloat16; }
+
+bool pair_allowed(PairRule rule, ScalarType out, ScalarType in) {
+  if (out == in) return true;
+  if (out == ScalarType::Float && is_reduced(in)) return true;
+  return rule == PairRule::kCast && is_reduced(out) && in == ScalarType::Float;
+}
+
+std::string pair_rule_text(PairRule rule) {
+  return rule == PairRule::kAverage
+             ? "it must be float32 or the same dtype as its input"
+             : "the two must have the same dtype, or one must be float32 and the other "
+               "float16/bfloat16";
+}
+
+void check_tensor(const OpSpec& spec, const char* list, size_t i, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), spec.name, ": ", list, "[", i, "] is an undefined tensor");
+  TORCH_CHECK_TYPE(t.layout() == c10::kStrided, spec.name, ": ", list, "[", i,
+                   "] has layout ", t.layout(), "; only strided (dense) tensors are supported");
+  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), spec.name, ": ", list, "[", i,
+                   "] has dtype ", t.scalar_type(),
+                   "; supported dtypes are float32, float16, bfloat16 and float64");
+}
+
+// [first byte, one past the last byte) that a tensor's elements can touch.
+struct Span {
+  uintptr_t lo, hi;
+  bool is_out;
+  uint32_t index;
+};
+
+Span span_of(const at::Tensor& t, bool dense, bool is_out, size_t index) {
+  int64_t extent = t.numel();  // elements spanned: numel for dense tensors
+  if (!dense) {
+    const auto sizes = t.sizes();
+    const auto strides = t.strides();
+    extent = 1;
+    for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
+  }
+  auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {base, base + static_cast<uintptr_t>(extent * t.element_size()), is_out,
+          static_cast<uint32_t>(index)};
+}
+
+[[noreturn]] void overlap_error(const OpSpec& spec, const Span& a, const Span& b) {
+  if (a.is_out && b.is_out) {
+    TORCH_CHECK_VALUE(false, spec.name, ": ", spec.out_name, "[", std::min(a.index, b.index),
+                      "] and ", spec.out_name, "[", std::max(a.index, b.index),
+                      "] share memory; every output must be a separate tensor");
+  }
+  const Span& in = a.is_out ? b : a;
+  const Span& out = a.is_out ? a : b;
+  TORCH_CHECK_VALUE(false, spec.name, ": ", spec.in_name, "[", in.index, "] shares memory with ",
+                    spec.out_name, "[", out.index, "]; an input may not overlap an output");
+}
+
+// No output may overlap another output or any input (inputs may overlap each
+// other). Sort the spans by start and sweep, tracking the furthest end seen: O(n)
+// once sorted. The sort order is cached per thread: a training loop passes the
+// same tensors every step, so the cached order is usually still sorted and the
+// check stays linear.
+void check_no_overlap(const OpSpec& spec, const std::vector<Span>& spans) {
+  thread_local std::vector<uint32_t> order;
+  auto sorted = [&] {
+    if (order.size() != spans.size()) return false;
+    for (size_t k = 1; k < order.size(); ++k) {
+      if (spans[order[k - 1]].lo > spans[order[k]].lo) return false;
+    }
+    return true;
+  };
+  if (!sorted()) {
+    order.resize(spans.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<uint32_t>(k);
+    std::sort(order.begin(), order.end(),
+              [&](uint32_t a, uint32_t b) { return spans[a].lo < spans[b].lo; });
+  }
+  const Span* furthest_any = nullptr;  // the span reaching furthest so far
+  const Span* furthest_out = nullptr;  // the output span reaching furthest so far
+  for (uint32_t k : order) {
+    const Span& s = spans[k];
+    if (s.is_out && furthest_any && s.lo < furthest_any->hi) overlap_error(spec, s, *furthest_any);
+    if (!s.is_out && furthest_out && s.lo < furthest_out->hi) overlap_error(spec, s, *furthest_out);
+    if (!furthest_any || s.hi > furthest_any->hi) furthest_any = &s;
+    if (s.is_out && (!furthest_out || s.hi > furthest_out->hi)) furthest_out = &s;
+  }
+}
+
+void validate_lists(const OpSpec& spec, at::TensorList outs, at::TensorList ins) {
+  TORCH_CHECK_VALUE(outs.size() == ins.size(), spec.name, ": ", spec.out_name, " has ",
+                    outs.size(), " tensors but ", spec.in_name, " has ", ins.size());
+  TORCH_CHECK_VALUE(outs.size() < (size_t{1} << 31), spec.name, ": too many tensors");
+  if (outs.empty()) return;
+  check_tensor(spec, spec.out_name, 0, outs[0]);
+  const c10::Device device = outs[0].device();
+  // Meta tensors (torch.compile tracing) have no addresses to compare.
+  const bool with_memory = device.type() != c10::DeviceType::Meta;
+  std::vector<Span> spans;
+  if (with_memory) spans.reserve(2 * outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const at::Tensor& out = outs[i];
+    const at::Tensor& in = ins[i];
+    check_tensor(spec, spec.out_name, i, out);
+    check_tensor(spec, spec.in_name, i, in);
+    TORCH_CHECK_VALUE(out.device() == device, spec.name, ": ", spec.out_name, "[", i, "] is on ",
+                      out.device(), " but ", spec.out_name, "[0] is on ", device,
+                      "; all tensors of one call must be on one device");
+    TORCH_CHECK_VALUE(in.device() == device, spec.name, ": ", spec.in_name, "[", i, "] is on ",
+                      in.device(), " but ", spec.out_name, "[0] is on ", device,
+                      "; all tensors of one call must be on one device");
+    TORCH_CHECK_VALUE(out.sizes() == in.sizes(), spec.name, ": ", spec.out_name, "[", i,
+                      "] has shape ", out.sizes(), " but ", spec.in_name, "[", i, "] has shape ",
+                      in.sizes());
+    TORCH_CHECK_TYPE(pair_allowed(spec.pair_rule, out.scalar_type(), in.scalar_type()),
+                     spec.name, ": ", spec.out_name, "[", i, "] is ", out.scalar_type(), " but ",
+                     spec.in_name, "[", i, "] is ", in.scalar_type(), ": ",
+                     pair_rule_text(spec.pair_rule));
+    if (!with_memory || out.numel() == 0) continue;
+    const bool out_dense = out.is_non_overlapping_and_dense();
+    TORCH_CHECK_VALUE(out_dense || at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                      spec.name, ": ", spec.out_name, "[", i,
+                      "] has internally overlapping memory (e.g. an expanded tensor) and "
+                      "cannot be written in place");
+    spans.push_back(span_of(out, out_dense, true, i));
+    spans.push_back(span_of(in, in.is_non_overlapping_and_dense(), false, i));
+  }
+  if (with_memory) check_no_overlap(spec, spans);
+}
+
+void check_scalar_value(const OpSpec& spec, double v) {
+  TORCH_CHECK_VALUE(std::isfinite(v), spec.name, ": ", spec.scalar_name, " must be finite, got ",
+                    v);
+  if (spec.scalar_rule == ScalarRule::kFiniteNonNegative) {
+    TORCH_CHECK_VALUE(v >= 0, spec.name, ": ", spec.scalar_name, " must be >= 0, got ", v);
+  }
+}
+
+ScalarArg scalar_from_tensor(const OpSpec& spec, const at::Tensor& t, at::TensorList outs) {
+  TORCH_CHECK_TYPE(t.defined(), spec.name, ": ", spec.scalar_name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.numel() == 1, spec.name, ": ", spec.scalar_name,
+                    " must be a one-element tensor, got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == ScalarType::Float || dt == ScalarType::Double || dt == ScalarType::Long ||
+                       dt == ScalarType::Int,
+                   spec.name, ": ", spec.scalar_name,
+                   " tensor must be float32, float64, int64 or int32, got ", dt);
+  ScalarArg s;
+  if (t.device().is_cpu()) {
+    s.value = t.item<double>();  // a host read, no device sync
+    check_scalar_value(spec, s.value);
+    return s;
+  }
+  const bool same_device = !outs.empty() && t.device() == outs[0].device();
+  TORCH_CHECK_VALUE(same_device || outs.empty(), spec.name, ": ", spec.scalar_name, " is on ",
+                    t.device(), " but the tensors are on ",
+                    outs.empty() ? c10::Device(c10::kCPU) : outs[0].device(),
+                    "; pass it on the CPU or on the tensors' device");
+  if (t.device().is_cuda()) {
+    // Read by the kernel: not range-checked here, that would need a host sync.
+    s.device_ptr = t.data_ptr();
+    s.device_dtype = dt;
+  }
+  return s;
+}
+
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_contiguous() && b.is_contiguous()) return true;
+  const auto sizes = a.sizes();
+  const auto sa = a.strides();
+  const auto sb = b.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
+  }
+  return true;
+}
+
+// Kernels see each pair as two flat arrays in the same element order. Pairs that
+// are not both dense with the same strides run on temporaries instead.
+void plan_layout(const OpSpec& spec, at::TensorList outs, at::TensorList ins, PairPlan& plan) {
+  plan.pairs.reserve(outs.size());
+  if (!outs.empty()) plan.device = outs[0].device();
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const at::Tensor& out = outs[i];
+    const at::Tensor& in = ins[i];
+    if (out.numel() == 0) continue;
+    if (out.is_non_overlapping_and_dense() && in.is_non_overlapping_and_dense() &&
+        same_layout(out, in)) {
+      plan.pairs.push_back(
+          {out.data_ptr(), in.const_data_ptr(), out.numel(), out.scalar_type(), in.scalar_type()});
+      continue;
+    }
+    at::Tensor out_work = out;
+    if (!out.is_non_overlapping_and_dense()) {
+      out_work = spec.reads_out ? out.contiguous() : at::empty(out.sizes(), out.options());
+      plan.writebacks.emplace_back(out, out_work);
+    }
+    at::Tensor in_work = in;
+    if (!in.is_non_overlapping_and_dense() || !same_layout(out_work, in)) {
+      in_work = at::empty_strided(out_work.sizes(), out_work.strides(), in.options());
+      in_work.copy_(in);
+      plan.temporaries.push_back(in_work);
+    }
+    plan.pairs.push_back({out_work.data_ptr(), in_work.const_data_ptr(), out.numel(),
+                          out.scalar_type(), in.scalar_type()});
+  }
+}
+
+}  // namespace
+
+void PairPlan::finish() {
+  for (auto& [dst, tmp] : writebacks) dst.copy_(tmp);
+  writebacks.clear();
+  temporaries.clear();
+}
+
+PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins, double scalar,
+                       bool layout) {
+  validate_lists(spec, outs, ins);
+  check_scalar_value(spec, scalar);
+  PairPlan plan;
+  plan.scalar.value = scalar;
+  if (layout) plan_layout(spec, outs, ins, plan);
+  return plan;
+}
+
+PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
+                       const at::Tensor& scalar, bool layout) {
+  validate_lists(spec, outs, ins);
+  PairPlan plan;
+  plan.scalar = scalar_from_tensor(spec, scalar, outs);
+  if (layout) plan_layout(spec, outs, ins, plan);
+  return plan;
+}
+
+}  // namespace wavg_ext

@@ -1,0 +1,103 @@
+// Validation and layout planning shared by every backend (CPU, CUDA, Meta and the
+// Python reference path), so that all of them accept and reject exactly the same
+// calls and nothing is modified before every check has passed.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace wavg_ext {
+
+// Which (out dtype, in dtype) pairs an op accepts.
+enum class PairRule {
+  kAverage,  // out is float32 or in's dtype: averages / sums of params
+  kCast,     // same dtype, or float32 <-> float16/bfloat16 either way: assignments
+};
+
+// What an op requires of its scalar argument when it is known on the host.
+enum class ScalarRule {
+  kFinite,             // any finite value
+  kFiniteNonNegative,  // a sample count
+};
+
+struct OpSpec {
+  const char* name;         // "ema_"
+  const char* out_name;     // "avgs"
+  const char* in_name;      // "xs"
+  const char* scalar_name;  // "weight"
+  PairRule pair_rule;
+  ScalarRule scalar_rule;
+  bool reads_out;  // false for scale_copy_: out is only written
+};
+
+extern const OpSpec kRunningMeanSpec;
+extern const OpSpec kEmaSpec;
+extern const OpSpec kAccumulateSpec;
+extern const OpSpec kScaleCopySpec;
+const OpSpec& spec_by_name(const std::string& name);
+
+// The op's scalar: a host value, or (CUDA only) a pointer to a one-element device
+// tensor that the kernel reads, so that no host sync is needed.
+struct ScalarArg {
+  double value = 0.0;
+  const void* device_ptr = nullptr;
+  c10::ScalarType device_dtype = c10::ScalarType::Float;
+  bool on_device() const { return device_ptr != nullptr; }
+};
+
+// One pair as a kernel sees it: two flat arrays of numel elements in the same
+// order. Raw pointers, not tensors: a call over thousands of tensors must not pay
+// refcount traffic (the caller's tensors outlive the call).
+struct PairView {
+  void* out;
+  const void* in;
+  int64_t numel;
+  c10::ScalarType out_dtype;
+  c10::ScalarType in_dtype;
+};
+
+// The work of one call: the non-empty pairs, each dense with the same memory
+// layout on both sides. Pairs passed in other layouts run on temporaries that
+// finish() copies back into the user's tensors.
+struct PairPlan {
+  std::vector<PairView> pairs;
+  std::vector<at::Tensor> temporaries;                        // kept alive until finish()
+  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks;  // (user's out, temporary)
+  c10::Device device = c10::Device(c10::kCPU);
+  ScalarArg scalar;
+  void finish();
+};
+
+// Validates everything (list lengths, devices, shapes, dtypes, overlap, the scalar)
+// and raises ValueError/TypeError naming the list and index before touching data.
+// With plan_layout=false (Meta/reference path) it only validates.
+PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
+                       double scalar, bool plan_layout = true);
+PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
+                       const at::Tensor& scalar, bool plan_layout = true);
+
+// True for float32/float16/bfloat16/float64: the dtypes the kernels support.
+bool is_supported_dtype(c10::ScalarType t);
+
+// The two overloads every op registers (scalar as a float, or as a tensor), built
+// from the op's spec and a backend's runner: validate and plan, then run.
+template <const OpSpec& kSpec, void (*kRun)(PairPlan&)>
+void entry_float(at::TensorList outs, at::TensorList ins, double scalar) {
+  PairPlan plan = prepare_pairs(kSpec, outs, ins, scalar);
+  kRun(plan);
+  plan.finish();
+}
+
+template <const OpSpec& kSpec, void (*kRun)(PairPlan&)>
+void entry_tensor(at::TensorList outs, at::TensorList ins, const at::Tensor& scalar) {
+  PairPlan plan = prepare_pairs(kSpec, outs, ins, scalar);
+  kRun(plan);
+  plan.finish();
+}
+
+}  // namespace wavg_ext

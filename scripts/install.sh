@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs wavg_ext and everything it needs on a fresh machine, then builds it.
+# Uses the torch already installed; on a machine without torch it installs the
+# CPU build torch==2.13.0 (set WAVG_EXT_TORCH to choose another spec).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install "${WAVG_EXT_TORCH:-torch==2.13.0}"
+fi
+"$PY" -m pip install pybind11 ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib
+"$PY" -m pip install --no-build-isolation .
+"$PY" -c "import wavg_ext, json; print(json.dumps(wavg_ext.build_info()))"

@@ -1,0 +1,31 @@
+"""wavg_ext: fused weight averaging (SWA, EMA and friends) for PyTorch.
+
+``wavg_ext.ops`` holds the fused in-place ops; ``wavg_ext.build_info()`` says what
+was compiled into this installation.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+from . import _C
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "build_info", "__version__"]
+
+
+def build_info() -> dict:
+    """What this installation was built with.
+
+    Keys: ``version``, ``cpu`` (always True), ``cpu_capability`` (vector ISA the CPU
+    kernels were compiled for), ``openmp`` (whether the CPU kernels run threaded),
+    ``num_threads``, ``cuda`` (CUDA kernels compiled), ``cuda_version`` (toolkit the
+    kernels were compiled with), ``cuda_archs`` (TORCH_CUDA_ARCH_LIST used),
+    ``torch_version`` (the torch the extension was compiled against).
+    """
+    info = dict(_C.build_info())
+    info["version"] = __version__
+    info["num_threads"] = torch.get_num_threads()
+    return info
