@@ -34,6 +34,18 @@ constexpr const char* kSchemas[] = {
     "scale_copy_.Tensor(Tensor(a!)[] dsts, Tensor[] srcs, Tensor scale) -> ()",
 };
 
+// Any other backend, and calls with no tensor at all (empty lists and a float
+// scalar): validate, then refuse non-empty work clearly. wavg_ext.ops routes such
+// devices to the pure-PyTorch reference before they get here.
+template <const OpSpec& kSpec, typename Scalar>
+void no_kernel(at::TensorList outs, at::TensorList ins, Scalar scalar) {
+  prepare_pairs(kSpec, outs, ins, scalar, /*plan_layout=*/false);
+  TORCH_CHECK_NOT_IMPLEMENTED(outs.empty(), kSpec.name, ": no wavg_ext kernel for tensors on ",
+                              outs[0].device(),
+                              " in this build; call wavg_ext.ops.", kSpec.name,
+                              " (it falls back to the reference implementation)");
+}
+
 // Meta (FakeTensor, torch.compile tracing): validate, compute nothing.
 template <const OpSpec& kSpec>
 void meta_float(at::TensorList outs, at::TensorList ins, double scalar) {
@@ -92,12 +104,16 @@ class BorrowedTensors {
     }
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
     PyObject** items = PySequence_Fast_ITEMS(obj);
-    tensors_.reserve(n);
+    // Check every item before borrowing any: a throw with borrows in the vector
+    // would let ~vector drop references it never took.
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_Check(items[i])) {
         throw pybind11::type_error(std::string(spec.name) + ": " + name + "[" + std::to_string(i) +
                                    "] is a " + Py_TYPE(items[i])->tp_name + ", not a Tensor");
       }
+    }
+    tensors_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
       tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(items[i])));
     }
   }
@@ -161,6 +177,17 @@ TORCH_LIBRARY_IMPL(wavg_ext, Meta, m) {
   WAVG_EXT_REGISTER_META("ema_", kEmaSpec);
   WAVG_EXT_REGISTER_META("accumulate_", kAccumulateSpec);
   WAVG_EXT_REGISTER_META("scale_copy_", kScaleCopySpec);
+}
+
+#define WAVG_EXT_REGISTER_FALLBACK(op, spec)                               \
+  m.impl(op, &wavg_ext::no_kernel<wavg_ext::spec, double>);                \
+  m.impl(op ".Tensor", &wavg_ext::no_kernel<wavg_ext::spec, const at::Tensor&>)
+
+TORCH_LIBRARY_IMPL(wavg_ext, CompositeExplicitAutograd, m) {
+  WAVG_EXT_REGISTER_FALLBACK("running_mean_", kRunningMeanSpec);
+  WAVG_EXT_REGISTER_FALLBACK("ema_", kEmaSpec);
+  WAVG_EXT_REGISTER_FALLBACK("accumulate_", kAccumulateSpec);
+  WAVG_EXT_REGISTER_FALLBACK("scale_copy_", kScaleCopySpec);
 }
 
 #define WAVG_EXT_REGISTER_AUTOGRAD(op, spec)                                     \

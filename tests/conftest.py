@@ -1,0 +1,478 @@
+"""Shared helpers for the wavg_ext test suite.
+
+Test modules reach the helpers through the ``h`` fixture (the ``Helpers`` class below)
+and never import this file, so the suite also runs under ``--import-mode=importlib``.
+A per-op test module sets ``OP = "<op name>"``; ``pytest_generate_tests`` then
+parametrizes its ``dtypes`` argument with every dtype pair that op accepts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+# --------------------------------------------------------------------------------------
+# Import check: the compiled extension lives only in the installed package.
+# --------------------------------------------------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_HOWTO = (
+    "Build and install it with `pip install --no-build-isolation .` from the repository "
+    "root, then run the tests with plain `pytest` (not `python -m pytest`, which puts the "
+    "source checkout first on sys.path and shadows the installed package)."
+)
+
+
+def _check_import():
+    spec = importlib.util.find_spec("wavg_ext")
+    if spec is None or spec.origin is None:
+        raise pytest.UsageError(f"wavg_ext is not installed. {_HOWTO}")
+    origin = pathlib.Path(spec.origin).resolve()
+    in_checkout = REPO == origin.parent.parent or REPO in origin.parents
+    compiled = any(origin.parent.glob("_C*.so")) or any(origin.parent.glob("_C*.pyd"))
+    if in_checkout and not compiled:
+        raise pytest.UsageError(
+            f"wavg_ext is being imported from the source checkout ({origin.parent}), which "
+            f"has no compiled wavg_ext._C. {_HOWTO}")
+    try:
+        import wavg_ext
+        import wavg_ext._C  # noqa: F401
+    except ImportError as exc:
+        raise pytest.UsageError(
+            f"cannot import wavg_ext._C from {origin.parent}: {exc}. {_HOWTO}") from exc
+    return wavg_ext
+
+
+wavg_ext = _check_import()
+from wavg_ext import ops  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# Devices, dtypes, ops.
+# --------------------------------------------------------------------------------------
+BUILD_INFO = wavg_ext.build_info()
+CUDA_OK = torch.cuda.is_available() and bool(BUILD_INFO["cuda"])
+CUDA_REASON = "needs a CUDA device and wavg_ext built with CUDA kernels"
+requires_cuda = pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+SHORT = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64"}
+AVERAGE_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F64, F64), (F32, F16), (F32, BF16)]
+CAST_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F64, F64),
+              (F32, F16), (F32, BF16), (F16, F32), (BF16, F32)]
+INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    out_name: str
+    in_name: str
+    scalar_name: str
+    pairs: tuple
+    reads_out: bool
+    lerp_like: bool  # ema_/running_mean_: exact vs torch.lerp / the reference fn
+
+
+OPS = {
+    "running_mean_": OpInfo("running_mean_", "avgs", "xs", "count", tuple(AVERAGE_PAIRS), True, True),
+    "ema_": OpInfo("ema_", "avgs", "xs", "weight", tuple(AVERAGE_PAIRS), True, True),
+    "accumulate_": OpInfo("accumulate_", "sums", "xs", "alpha", tuple(AVERAGE_PAIRS), True, False),
+    "scale_copy_": OpInfo("scale_copy_", "dsts", "srcs", "scale", tuple(CAST_PAIRS), False, False),
+}
+OP_NAMES = list(OPS)
+# A valid, non-trivial scalar per op (exactly representable in float32 and int64 where
+# it matters: see the scalar-form tests).
+GOOD_SCALAR = {"running_mean_": 3.0, "ema_": 0.25, "accumulate_": -0.5, "scale_copy_": 1.5}
+PATHS = ["ops", "torch.ops", "reference"]
+
+
+def pair_id(pair):
+    return f"{SHORT[pair[0]]}<-{SHORT[pair[1]]}"
+
+
+# (out layout, in layout) pairs for the layout tests; see Helpers.embed.
+LAYOUT_PAIRS = [("contig", "channels_last"), ("channels_last", "contig"),
+                ("channels_last", "channels_last"), ("offset1", "offset3"), ("offset1", "contig"),
+                ("strided", "transposed"), ("strided", "contig"), ("transposed", "transposed"),
+                ("contig", "expanded"), ("offset1", "strided")]
+ZERO_NUMEL_SHAPES = {"first": [(0,), (5,), (300,)], "middle": [(5,), (3, 0, 2), (300,)],
+                     "last": [(5,), (300,), (0,)], "all": [(0,), (2, 0)]}
+
+
+def pytest_generate_tests(metafunc):
+    """In a module with OP = name: `dtypes` takes every dtype pair that op accepts,
+    `layouts` every (out, in) pair of LAYOUT_PAIRS, `zero_numel` every entry of
+    ZERO_NUMEL_SHAPES."""
+    op = getattr(metafunc.module, "OP", None)
+    if op is None:
+        return
+    if "dtypes" in metafunc.fixturenames:
+        metafunc.parametrize("dtypes", OPS[op].pairs, ids=pair_id)
+    if "layouts" in metafunc.fixturenames:
+        metafunc.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)
+    if "zero_numel" in metafunc.fixturenames:
+        metafunc.parametrize("zero_numel", list(ZERO_NUMEL_SHAPES.values()),
+                             ids=list(ZERO_NUMEL_SHAPES))
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that take the `cuda` fixture get the `cuda` marker (`-m "not cuda"`)."""
+    for item in items:
+        if "cuda" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def cuda():
+    if not CUDA_OK:
+        pytest.skip(CUDA_REASON)
+    return "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore():
+    """Fresh seed per test; no test may leak force_reference or a thread count."""
+    torch.manual_seed(0x5EED)
+    threads = torch.get_num_threads()
+    previous = ops.force_reference(False)
+    yield
+    ops.force_reference(previous)
+    torch.set_num_threads(threads)
+
+
+class Helpers:
+    """Plain functions shared by the test modules (handed out by the `h` fixture)."""
+
+    OPS = OPS
+    OP_NAMES = OP_NAMES
+    PATHS = PATHS
+    GOOD_SCALAR = GOOD_SCALAR
+    F32, F16, BF16, F64 = F32, F16, BF16, F64
+    CUDA_OK = CUDA_OK
+
+    # ---- calling the ops --------------------------------------------------------------
+    @staticmethod
+    def call(op, outs, ins, scalar, path="ops"):
+        """Run `op` through ops.* ("ops"), torch.ops.wavg_ext ("torch.ops"), or ops.* with
+        force_reference(True) ("reference")."""
+        if path == "ops":
+            return getattr(ops, op)(outs, ins, scalar)
+        if path == "torch.ops":
+            packet = getattr(torch.ops.wavg_ext, op)
+            overload = packet.Tensor if isinstance(scalar, torch.Tensor) else packet.default
+            return overload(list(outs), list(ins), scalar)
+        if path == "reference":
+            previous = ops.force_reference(True)
+            try:
+                return getattr(ops, op)(outs, ins, scalar)
+            finally:
+                ops.force_reference(previous)
+        raise AssertionError(path)
+
+    @staticmethod
+    def opmath(a, b):
+        return F64 if F64 in (a.dtype, b.dtype) else F32
+
+    @staticmethod
+    def run_python(code, *args, env=None, timeout=300):
+        """Run `code` in a fresh interpreter, outside the checkout (so that the installed
+        wavg_ext is imported), and return the CompletedProcess."""
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        full_env = dict(os.environ, **(env or {}))
+        full_env.pop("PYTHONPATH", None)
+        with tempfile.TemporaryDirectory() as cwd:
+            return subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, *map(str, args)], cwd=cwd,
+                                  env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    # ---- data --------------------------------------------------------------------------
+    @staticmethod
+    def rand(shape, dtype, device="cpu"):
+        """Standard-normal values drawn on the CPU (same data on every device)."""
+        return torch.randn(shape, dtype=F64).to(dtype).to(device)
+
+    @staticmethod
+    def make_lists(shapes, pairs, device="cpu"):
+        """outs/ins with one (out dtype, in dtype) pair for all shapes, or one per shape."""
+        if isinstance(pairs, tuple) and isinstance(pairs[0], torch.dtype):
+            pairs = [pairs] * len(shapes)
+        outs = [Helpers.rand(s, p[0], device) for s, p in zip(shapes, pairs)]
+        ins = [Helpers.rand(s, p[1], device) for s, p in zip(shapes, pairs)]
+        return outs, ins
+
+    @staticmethod
+    def scalar_as(value, kind, device):
+        """A scalar as a Python float ("py") or a float64 one-element tensor on the CPU
+        ("cpu_tensor") or on the lists' device ("dev_tensor")."""
+        if kind == "py":
+            return value
+        dev = "cpu" if kind == "cpu_tensor" else device
+        return torch.tensor(value, dtype=F64, device=dev)
+
+    @staticmethod
+    def clones(tensors):
+        return [t.clone() for t in tensors]
+
+    @staticmethod
+    def guarded(shape, dtype, device, fill=float("nan"), guard=37):
+        """(buffer, view): `view` has `shape` and sits between two guard regions of a
+        `fill`-filled buffer; `view` is first set to random values."""
+        n = math.prod(shape)
+        buf = torch.full((guard + n + guard,), fill, dtype=dtype, device=device)
+        view = buf[guard:guard + n].view(shape)
+        view.copy_(Helpers.rand(shape, dtype, device))
+        return buf, view
+
+    # ---- comparisons -----------------------------------------------------------------
+    @staticmethod
+    def bits(t):
+        t = t.detach().contiguous()
+        return t.view(INT_VIEW[t.element_size()]) if t.is_floating_point() else t
+
+    @staticmethod
+    def assert_bits_equal(actual, expected, what=""):
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+        a, e = Helpers.bits(actual).flatten(), Helpers.bits(expected).flatten()
+        if not torch.equal(a, e):
+            bad = (a != e).nonzero().flatten()
+            k = bad[0].item()
+            raise AssertionError(
+                f"{what}: {bad.numel()} of {a.numel()} elements differ bitwise; first at flat "
+                f"index {k}: {actual.flatten()[k].item()!r} vs {expected.flatten()[k].item()!r}")
+
+    @staticmethod
+    def assert_all_bits_equal(actual, expected, what="tensor"):
+        assert len(actual) == len(expected)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            Helpers.assert_bits_equal(a, e, f"{what}[{i}]")
+
+    # ---- oracles -----------------------------------------------------------------------
+    @staticmethod
+    def reference(op, outs0, ins, scalar, upcast=False):
+        """The pure-PyTorch reference on copies of outs0: at the tensors' own dtypes, or
+        on float64 copies of everything (upcast=True: the oracle)."""
+        outs = [o.to(F64, copy=True) if upcast else o.clone() for o in outs0]
+        ins = [x.to(F64) for x in ins] if upcast else list(ins)
+        getattr(ops.reference, op)(outs, ins, scalar)
+        return outs
+
+    @staticmethod
+    def plain(op, outs0, ins, scalar):
+        """Plain PyTorch computing the op's formula at the original dtypes (opmath)."""
+        if op != "accumulate_":
+            return Helpers.reference(op, outs0, ins, scalar)
+        alpha = float(scalar)  # test code may sync
+        res = []
+        for o, x in zip(outs0, ins):
+            m = Helpers.opmath(o, x)
+            res.append(o.to(m).add_(x.to(m), alpha=alpha).to(o.dtype))
+        return res
+
+    @staticmethod
+    def assert_matches_oracle(op, outs0, ins, scalar, outs):
+        """Per dtype pair, the fused max-abs error of `outs` vs the float64 oracle is at
+        most 2x that of plain PyTorch at the same dtypes (+ a tiny floor; no floor for
+        ema_/running_mean_ into float32/float64, which must be exact). ema_/running_mean_
+        must also equal the reference fn bit for bit (the kernels' documented arithmetic)."""
+        assert len(outs) == len(outs0)
+        for i, (o, o0) in enumerate(zip(outs, outs0)):
+            assert o.dtype == o0.dtype and o.shape == o0.shape, f"outs[{i}] changed dtype/shape"
+        oracle = Helpers.reference(op, outs0, ins, scalar, upcast=True)
+        plain = Helpers.plain(op, outs0, ins, scalar)
+        groups = {}
+        for i, (o, x) in enumerate(zip(outs0, ins)):
+            if o.numel():
+                groups.setdefault((o.dtype, x.dtype), []).append(i)
+        for (odt, idt), idx in groups.items():
+            def err(res):
+                return max((res[i].double().cpu() - oracle[i].cpu()).abs().max().item() for i in idx)
+            err_kernel, err_plain = err(outs), err(plain)
+            exact = OPS[op].lerp_like and odt in (F32, F64)
+            floor = 0.0 if exact else torch.finfo(odt).eps * 1e-3
+            assert err_kernel <= 2 * err_plain + floor, (
+                f"{op} {SHORT[odt]}<-{SHORT[idt]}: max error vs float64 oracle {err_kernel:.3g} > "
+                f"2 * plain PyTorch's {err_plain:.3g} + {floor:.3g}")
+        if OPS[op].lerp_like:
+            expected = Helpers.reference(op, outs0, ins, scalar)
+            Helpers.assert_all_bits_equal(outs, expected, f"{op} vs reference fn: outs")
+
+    @staticmethod
+    def run_and_check(op, outs, ins, scalar, path="ops"):
+        """Call op in place on outs and check the result against the oracle; returns a
+        snapshot of outs from before the call."""
+        outs0 = Helpers.clones(outs)
+        ins0 = Helpers.clones(ins)
+        Helpers.call(op, outs, ins, scalar, path)
+        Helpers.assert_all_bits_equal(ins, ins0, f"{op}: inputs modified: ins")
+        Helpers.assert_matches_oracle(op, outs0, ins, scalar, outs)
+        return outs0
+
+    # ---- layouts -----------------------------------------------------------------------
+    @staticmethod
+    def embed(values, layout, fill=float("nan")):
+        """(base, view): `view` holds `values` in the given memory layout and is a view of
+        the fresh tensor `base`, whose other elements (guards) hold `fill`."""
+        shape, dt, dev = values.shape, values.dtype, values.device
+        if layout == "contig":
+            base = values.clone()
+            return base, base
+        if layout.startswith("offset"):  # misaligned: base[off:], guards on both sides
+            off, n = int(layout[len("offset"):]), values.numel()
+            base = torch.full((off + n + 7,), fill, dtype=dt, device=dev)
+            view = base[off:off + n].view(shape)
+        elif layout == "channels_last":
+            base = values.contiguous(memory_format=torch.channels_last)
+            return base, base
+        elif layout == "strided":  # every other element of the last dim: not dense
+            base = torch.full((*shape[:-1], 2 * shape[-1]), fill, dtype=dt, device=dev)
+            view = base[..., ::2]
+        elif layout == "transposed":  # dense, but strides differ from the partner's
+            base = torch.full(tuple(reversed(shape)), fill, dtype=dt, device=dev)
+            view = base.permute(*reversed(range(len(shape))))
+        elif layout == "expanded":  # inputs only: internally overlapping
+            base = values[..., :1].clone()
+            return base, base.expand(shape)
+        else:
+            raise AssertionError(layout)
+        view.copy_(values)
+        return base, view
+
+    @staticmethod
+    def outside_view(base, view):
+        """A copy of `base` with the elements `view` covers zeroed: the guards only."""
+        g = base.clone()
+        g.as_strided(view.size(), view.stride(), view.storage_offset()).zero_()
+        return g
+
+    # ---- scenarios shared by the per-op test modules -----------------------------------
+    SIZES = [(1,), (3,), (17, 241), (65537,)]
+
+    @staticmethod
+    def scenario_oracle(op, device, dtypes, value, kind, shapes=None):
+        outs, ins = Helpers.make_lists(shapes or Helpers.SIZES, dtypes, device)
+        Helpers.run_and_check(op, outs, ins, Helpers.scalar_as(value, kind, device))
+
+    @staticmethod
+    def mixed_pairs(op, n):
+        pairs = OPS[op].pairs
+        return [pairs[i % len(pairs)] for i in range(n)]
+
+    @staticmethod
+    def scenario_zero_numel(op, device, shapes):
+        outs, ins = Helpers.make_lists(shapes, Helpers.mixed_pairs(op, len(shapes)), device)
+        Helpers.run_and_check(op, outs, ins, GOOD_SCALAR[op])
+        assert [tuple(o.shape) for o in outs] == [tuple(s) for s in shapes]
+
+    @staticmethod
+    def scenario_many_small(op, device, n=3000):
+        gen = torch.Generator().manual_seed(n)
+        numels = torch.randint(0, 40, (n,), generator=gen).tolist()
+        shapes = [(k,) if i % 3 else (1, k, 1) for i, k in enumerate(numels)]
+        outs, ins = Helpers.make_lists(shapes, Helpers.mixed_pairs(op, n), device)
+        Helpers.run_and_check(op, outs, ins, GOOD_SCALAR[op])
+
+    @staticmethod
+    def scenario_big(op, device, numel=21_000_003):
+        """One tensor larger than one CUDA launch (320 * 65536 elements), between
+        small ones of other dtypes."""
+        shapes = [(5,), (numel,), (3,)]
+        outs, ins = Helpers.make_lists(shapes, [(F32, BF16), (F32, F32), (F64, F64)], device)
+        Helpers.run_and_check(op, outs, ins, GOOD_SCALAR[op])
+
+    LAYOUT_SHAPES = [(4, 16, 33, 31), (1, 3, 1, 5), (2, 3, 4, 5)]
+
+    @staticmethod
+    def scenario_layouts(op, device, dtypes, layouts, value=None):
+        value = GOOD_SCALAR[op] if value is None else value
+        out_layout, in_layout = layouts
+        bases, outs, ins = [], [], []
+        for shape in Helpers.LAYOUT_SHAPES:
+            base, out = Helpers.embed(Helpers.rand(shape, dtypes[0], device), out_layout)
+            bases.append(base)
+            outs.append(out)
+            ins.append(Helpers.embed(Helpers.rand(shape, dtypes[1], device), in_layout)[1])
+        guards = [Helpers.outside_view(b, o) for b, o in zip(bases, outs)]
+        Helpers.run_and_check(op, outs, ins, value)
+        for i, (b, o, g) in enumerate(zip(bases, outs, guards)):
+            Helpers.assert_bits_equal(Helpers.outside_view(b, o), g, f"guards around outs[{i}]")
+
+    @staticmethod
+    def scenario_poisoned_outputs(op, device, dtypes, value, kind="py", out_layout="offset1"):
+        """Ops that do not read the output (scale_copy_, running_mean_ with count 0) must
+        overwrite a NaN-filled output completely, and nothing around it."""
+        bases, outs = [], []
+        ins = [Helpers.rand(s, dtypes[1], device) for s in Helpers.LAYOUT_SHAPES]
+        for shape in Helpers.LAYOUT_SHAPES:
+            base, out = Helpers.embed(torch.zeros(shape, dtype=dtypes[0], device=device), out_layout)
+            out.fill_(float("nan"))
+            bases.append(base)
+            outs.append(out)
+        guards = [Helpers.outside_view(b, o) for b, o in zip(bases, outs)]
+        Helpers.call(op, outs, ins, Helpers.scalar_as(value, kind, device))
+        scale = float(value) if op == "scale_copy_" else 1.0
+        for i, (o, x) in enumerate(zip(outs, ins)):
+            assert not o.isnan().any(), f"{op}: NaN left in outs[{i}]"
+            m = Helpers.opmath(o, x)
+            Helpers.assert_bits_equal(o, (x.to(m) * scale).to(o.dtype), f"{op}: outs[{i}]")
+        for i, (b, o, g) in enumerate(zip(bases, outs, guards)):
+            Helpers.assert_bits_equal(Helpers.outside_view(b, o), g, f"guards around outs[{i}]")
+
+    @staticmethod
+    def scenario_determinism(op, device):
+        """Same call twice on clones, and with 1 thread vs all threads: same bits."""
+        shapes = [(70001,), (3,), (65536 * 2 + 7,), (1,)]
+        outs, ins = Helpers.make_lists(shapes, Helpers.mixed_pairs(op, len(shapes)), device)
+        results = []
+        for threads in (torch.get_num_threads(), torch.get_num_threads(), 1):
+            torch.set_num_threads(threads)
+            res = Helpers.clones(outs)
+            Helpers.call(op, res, ins, GOOD_SCALAR[op])
+            results.append(res)
+        Helpers.assert_all_bits_equal(results[1], results[0], f"{op} second run")
+        Helpers.assert_all_bits_equal(results[2], results[0], f"{op} with one thread")
+
+    INT_SCALAR = {"running_mean_": 3, "ema_": 1, "accumulate_": -2, "scale_copy_": 3}
+
+    @staticmethod
+    def scenario_scalar_forms(op, device, tensor_dtype, tensor_device="cpu"):
+        """A Python float and a one-element tensor (any accepted dtype) of the same value
+        give identical results."""
+        is_int = not tensor_dtype.is_floating_point
+        value = Helpers.INT_SCALAR[op] if is_int else GOOD_SCALAR[op]
+        outs, ins = Helpers.make_lists([(3, 7), (4097,)], Helpers.mixed_pairs(op, 2), device)
+        expected = Helpers.clones(outs)
+        Helpers.call(op, expected, ins, float(value))
+        for shape in [(), (1,), (1, 1)]:
+            scalar = torch.full(shape, value, dtype=tensor_dtype, device=tensor_device)
+            for path in ("ops", "torch.ops"):
+                res = Helpers.clones(outs)
+                Helpers.call(op, res, ins, scalar, path)
+                Helpers.assert_all_bits_equal(res, expected, f"{op} {path} scalar {scalar!r}")
+            assert scalar.item() == value  # the scalar is not modified
+
+    @staticmethod
+    def scenario_empty_lists(op, path, kind, device="cpu"):
+        scalar = Helpers.scalar_as(GOOD_SCALAR[op], kind, device)
+        for make in (list, tuple, iter):
+            if path == "torch.ops" and make is iter:
+                continue
+            assert Helpers.call(op, make([]), make([]), scalar, path) is None
+
+
+@pytest.fixture
+def h():
+    return Helpers

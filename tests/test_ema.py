@@ -1,0 +1,79 @@
+"""ema_: avg <- avg + weight * (x - avg), torch.lerp semantics."""
+
+import pytest
+import torch
+
+OP = "ema_"
+WEIGHTS = [0.1, 0.5, 0.999, 1.0, 0.0, -0.25, 1.5]
+
+
+@pytest.mark.parametrize("kind", ["py", "tensor"])
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_matches_float64_oracle(h, device, dtypes, weight, kind):
+    h.scenario_oracle(OP, device, dtypes, weight, kind)
+
+
+@pytest.mark.parametrize("weight", [0.1, 0.5, 0.999, -0.25, 1.5])
+def test_float32_bit_identical_to_foreach_lerp(h, device, weight):
+    avgs, xs = h.make_lists(h.SIZES, (h.F32, h.F32), device)
+    expected = h.clones(avgs)
+    torch._foreach_lerp_(expected, xs, weight)
+    for scalar in (weight, torch.tensor(weight, dtype=torch.float64, device=device)):
+        got = h.clones(avgs)
+        h.call(OP, got, xs, scalar)
+        h.assert_all_bits_equal(got, expected, f"ema_ vs _foreach_lerp_ (weight {scalar!r})")
+
+
+@pytest.mark.parametrize("weight, which", [(0.0, "avg"), (1.0, "x")])
+def test_weight_zero_keeps_avg_and_one_copies_x(h, device, dtypes, weight, which):
+    avgs, xs = h.make_lists(h.SIZES, dtypes, device)
+    expected = h.clones(avgs) if which == "avg" else [x.to(a.dtype) for a, x in zip(avgs, xs)]
+    h.call(OP, avgs, xs, weight)
+    h.assert_all_bits_equal(avgs, expected, f"ema_ weight={weight}")
+
+
+def test_repeated_steps_track_float64_ema(h, device, dtypes):
+    """An EMA over many steps at low precision stays as close to a float64 EMA as
+    torch.lerp at the same dtype does."""
+    avgs, _ = h.make_lists([(1000,)], dtypes, device)
+    ref, plain = [avgs[0].double()], h.clones(avgs)
+    for _ in range(50):
+        xs = [h.rand((1000,), dtypes[1], device)]
+        h.call(OP, avgs, xs, 0.1)
+        torch.lerp(ref[0], xs[0].double(), 0.1, out=ref[0])
+        plain[0].copy_(torch.lerp(plain[0].float() if dtypes[0] != h.F64 else plain[0],
+                                  xs[0].to(h.F64 if dtypes[0] == h.F64 else h.F32), 0.1))
+    err = (avgs[0].double() - ref[0]).abs().max()
+    err_plain = (plain[0].double() - ref[0]).abs().max()
+    assert err <= 2 * err_plain
+
+
+def test_zero_numel_tensors(h, device, zero_numel):
+    h.scenario_zero_numel(OP, device, zero_numel)
+
+
+@pytest.mark.parametrize("path", ["ops", "torch.ops", "reference"])
+@pytest.mark.parametrize("kind", ["py", "tensor"])
+def test_empty_lists_are_a_no_op(h, path, kind):
+    h.scenario_empty_lists(OP, path, kind)
+
+
+def test_3000_small_tensors(h, device):
+    h.scenario_many_small(OP, device)
+
+
+def test_tensor_larger_than_one_cuda_launch(h, device):
+    h.scenario_big(OP, device)
+
+
+def test_layouts_and_guards(h, device, dtypes, layouts):
+    h.scenario_layouts(OP, device, dtypes, layouts)
+
+
+def test_deterministic(h, device):
+    h.scenario_determinism(OP, device)
+
+
+@pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64, torch.int64, torch.int32])
+def test_python_and_tensor_scalar_agree(h, device, tensor_dtype):
+    h.scenario_scalar_forms(OP, device, tensor_dtype)

@@ -1,0 +1,86 @@
+"""running_mean_: avg <- avg + (x - avg) / (count + 1); count 0 copies x."""
+
+import pytest
+import torch
+
+OP = "running_mean_"
+COUNTS = [0, 1, 2, 7, 2.5, 1e6]
+
+
+@pytest.mark.parametrize("kind", ["py", "tensor"])
+@pytest.mark.parametrize("count", COUNTS)
+def test_matches_float64_oracle(h, device, dtypes, count, kind):
+    h.scenario_oracle(OP, device, dtypes, count, kind)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 2.5, 1e6, 2**31])
+def test_float32_is_lerp_with_weight_rounded_once(h, device, count):
+    """count c > 0 is lerp with weight float32(1 / (c + 1)), 1/(c+1) computed in float64."""
+    avgs, xs = h.make_lists(h.SIZES, (h.F32, h.F32), device)
+    weight = torch.tensor(1.0 / (count + 1.0), dtype=torch.float64).float().item()
+    expected = h.clones(avgs)
+    torch._foreach_lerp_(expected, xs, weight)
+    for scalar in (count, torch.tensor(count, dtype=torch.float64, device=device)):
+        got = h.clones(avgs)
+        h.call(OP, got, xs, scalar)
+        h.assert_all_bits_equal(got, expected, f"running_mean_ count={scalar!r}")
+
+
+@pytest.mark.parametrize("kind", ["py", "tensor"])
+@pytest.mark.parametrize("out_layout", ["offset1", "strided", "channels_last"])
+def test_count_zero_overwrites_nan_outputs(h, device, dtypes, kind, out_layout):
+    h.scenario_poisoned_outputs(OP, device, dtypes, 0, kind, out_layout)
+
+
+@pytest.mark.parametrize("kind", ["py", "tensor"])
+def test_count_zero_copies_over_inf_and_nan(h, device, dtypes, kind):
+    avgs, xs = h.make_lists([(5,), (4097,)], dtypes, device)
+    for a, v in zip(avgs, (float("inf"), float("-inf"))):
+        a[::2] = v
+        a[1::2] = float("nan")
+    h.call(OP, avgs, xs, h.scalar_as(0, kind, device))
+    h.assert_all_bits_equal(avgs, [x.to(a.dtype) for a, x in zip(avgs, xs)], "count=0")
+
+
+def test_mean_of_many_samples(h, device):
+    """The intended use (SWA): running_mean_ over N samples gives their mean."""
+    avgs, _ = h.make_lists([(1000,), (3, 7)], (h.F32, h.F32), device)
+    samples = []
+    for n in range(20):
+        xs = [h.rand(a.shape, h.F32, device) for a in avgs]
+        samples.append(xs)
+        h.call(OP, avgs, xs, n)
+    for i, a in enumerate(avgs):
+        mean = torch.stack([s[i].double() for s in samples]).mean(0)
+        torch.testing.assert_close(a.double(), mean, rtol=0, atol=1e-6)
+
+
+def test_zero_numel_tensors(h, device, zero_numel):
+    h.scenario_zero_numel(OP, device, zero_numel)
+
+
+@pytest.mark.parametrize("path", ["ops", "torch.ops", "reference"])
+@pytest.mark.parametrize("kind", ["py", "tensor"])
+def test_empty_lists_are_a_no_op(h, path, kind):
+    h.scenario_empty_lists(OP, path, kind)
+
+
+def test_3000_small_tensors(h, device):
+    h.scenario_many_small(OP, device)
+
+
+def test_tensor_larger_than_one_cuda_launch(h, device):
+    h.scenario_big(OP, device)
+
+
+def test_layouts_and_guards(h, device, dtypes, layouts):
+    h.scenario_layouts(OP, device, dtypes, layouts)
+
+
+def test_deterministic(h, device):
+    h.scenario_determinism(OP, device)
+
+
+@pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64, torch.int64, torch.int32])
+def test_python_and_tensor_scalar_agree(h, device, tensor_dtype):
+    h.scenario_scalar_forms(OP, device, tensor_dtype)
