@@ -89,6 +89,7 @@ OP_NAMES = list(OPS)
 # it matters: see the scalar-form tests).
 GOOD_SCALAR = {"running_mean_": 3.0, "ema_": 0.25, "accumulate_": -0.5, "scale_copy_": 1.5}
 PATHS = ["ops", "torch.ops", "reference"]
+ALL_OPS = "*"  # OP = ALL_OPS in a test module: parametrize over every op
 
 
 def pair_id(pair):
@@ -105,13 +106,21 @@ ZERO_NUMEL_SHAPES = {"first": [(0,), (5,), (300,)], "middle": [(5,), (3, 0, 2), 
 
 
 def pytest_generate_tests(metafunc):
-    """In a module with OP = name: `dtypes` takes every dtype pair that op accepts,
-    `layouts` every (out, in) pair of LAYOUT_PAIRS, `zero_numel` every entry of
-    ZERO_NUMEL_SHAPES."""
+    """In a module with OP = name: `dtypes` takes every dtype pair that op accepts.
+    In a module with OP = ALL_OPS: `op` takes every op (with `dtypes`, every op's
+    every pair). Anywhere: `layouts` takes every (out, in) pair of LAYOUT_PAIRS,
+    `zero_numel` every entry of ZERO_NUMEL_SHAPES."""
     op = getattr(metafunc.module, "OP", None)
     if op is None:
         return
-    if "dtypes" in metafunc.fixturenames:
+    if op == ALL_OPS:
+        if "dtypes" in metafunc.fixturenames:
+            combos = [(name, pair) for name in OPS for pair in OPS[name].pairs]
+            metafunc.parametrize("op,dtypes", combos,
+                                 ids=[f"{name}-{pair_id(pair)}" for name, pair in combos])
+        elif "op" in metafunc.fixturenames:
+            metafunc.parametrize("op", list(OPS))
+    elif "dtypes" in metafunc.fixturenames:
         metafunc.parametrize("dtypes", OPS[op].pairs, ids=pair_id)
     if "layouts" in metafunc.fixturenames:
         metafunc.parametrize("layouts", LAYOUT_PAIRS, ids="-".join)

@@ -43,34 +43,3 @@ def test_default_alpha_is_one(h, device, dtypes):
     getattr(ops, OP)(sums, xs)
     h.call(OP, sums2, xs, 1.0)
     h.assert_all_bits_equal(sums, sums2, "ops default alpha")
-
-
-def test_zero_numel_tensors(h, device, zero_numel):
-    h.scenario_zero_numel(OP, device, zero_numel)
-
-
-@pytest.mark.parametrize("path", ["ops", "torch.ops", "reference"])
-@pytest.mark.parametrize("kind", ["py", "tensor"])
-def test_empty_lists_are_a_no_op(h, path, kind):
-    h.scenario_empty_lists(OP, path, kind)
-
-
-def test_3000_small_tensors(h, device):
-    h.scenario_many_small(OP, device)
-
-
-def test_tensor_larger_than_one_cuda_launch(h, device):
-    h.scenario_big(OP, device)
-
-
-def test_layouts_and_guards(h, device, dtypes, layouts):
-    h.scenario_layouts(OP, device, dtypes, layouts)
-
-
-def test_deterministic(h, device):
-    h.scenario_determinism(OP, device)
-
-
-@pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64, torch.int64, torch.int32])
-def test_python_and_tensor_scalar_agree(h, device, tensor_dtype):
-    h.scenario_scalar_forms(OP, device, tensor_dtype)
