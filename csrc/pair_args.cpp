@@ -68,7 +68,7 @@ struct Span {
   uint32_t index;
 };
 
-Span span_of(const at::Tensor& t, bool dense, bool is_out, size_t index) {
+Span span_of(const at::Tensor& t, const void* data, bool dense, bool is_out, size_t index) {
   int64_t extent = t.numel();  // elements spanned: numel for dense tensors
   if (!dense) {
     const auto sizes = t.sizes();
@@ -76,7 +76,7 @@ Span span_of(const at::Tensor& t, bool dense, bool is_out, size_t index) {
     extent = 1;
     for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
   }
-  auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  auto base = reinterpret_cast<uintptr_t>(data);
   return {base, base + static_cast<uintptr_t>(extent * t.element_size()), is_out,
           static_cast<uint32_t>(index)};
 }
@@ -124,13 +124,24 @@ void check_no_overlap(const OpSpec& spec, const std::vector<Span>& spans) {
   }
 }
 
-void validate_lists(const OpSpec& spec, at::TensorList outs, at::TensorList ins) {
+bool same_layout(const at::Tensor& a, const at::Tensor& b);
+
+// Validates the lists. With a plan, it also records each non-empty pair that is
+// dense with the same layout on both sides as a view (the usual case, done in the
+// same pass) and returns the indices of the other pairs for plan_slow_pairs().
+std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
+                                   PairPlan* plan) {
   TORCH_CHECK_VALUE(outs.size() == ins.size(), spec.name, ": ", spec.out_name, " has ",
                     outs.size(), " tensors but ", spec.in_name, " has ", ins.size());
   TORCH_CHECK_VALUE(outs.size() < (size_t{1} << 31), spec.name, ": too many tensors");
-  if (outs.empty()) return;
+  std::vector<size_t> slow;
+  if (outs.empty()) return slow;
   check_tensor(spec, spec.out_name, 0, outs[0]);
   const c10::Device device = outs[0].device();
+  if (plan) {
+    plan->device = device;
+    plan->pairs.reserve(outs.size());
+  }
   // Meta tensors (torch.compile tracing) have no addresses to compare.
   const bool with_memory = device.type() != c10::DeviceType::Meta;
   std::vector<Span> spans;
@@ -159,10 +170,20 @@ void validate_lists(const OpSpec& spec, at::TensorList outs, at::TensorList ins)
                       spec.name, ": ", spec.out_name, "[", i,
                       "] has internally overlapping memory (e.g. an expanded tensor) and "
                       "cannot be written in place");
-    spans.push_back(span_of(out, out_dense, true, i));
-    spans.push_back(span_of(in, in.is_non_overlapping_and_dense(), false, i));
+    const bool in_dense = in.is_non_overlapping_and_dense();
+    void* out_data = out.data_ptr();  // mutable: un-shares copy-on-write storage
+    const void* in_data = in.const_data_ptr();
+    spans.push_back(span_of(out, out_data, out_dense, true, i));
+    spans.push_back(span_of(in, in_data, in_dense, false, i));
+    if (!plan) continue;
+    if (out_dense && in_dense && same_layout(out, in)) {
+      plan->pairs.push_back({out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type()});
+    } else {
+      slow.push_back(i);
+    }
   }
   if (with_memory) check_no_overlap(spec, spans);
+  return slow;
 }
 
 void check_scalar_value(const OpSpec& spec, double v) {
@@ -214,19 +235,11 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 
 // Kernels see each pair as two flat arrays in the same element order. Pairs that
 // are not both dense with the same strides run on temporaries instead.
-void plan_layout(const OpSpec& spec, at::TensorList outs, at::TensorList ins, PairPlan& plan) {
-  plan.pairs.reserve(outs.size());
-  if (!outs.empty()) plan.device = outs[0].device();
-  for (size_t i = 0; i < outs.size(); ++i) {
+void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
+                     const std::vector<size_t>& slow, PairPlan& plan) {
+  for (size_t i : slow) {
     const at::Tensor& out = outs[i];
     const at::Tensor& in = ins[i];
-    if (out.numel() == 0) continue;
-    if (out.is_non_overlapping_and_dense() && in.is_non_overlapping_and_dense() &&
-        same_layout(out, in)) {
-      plan.pairs.push_back(
-          {out.data_ptr(), in.const_data_ptr(), out.numel(), out.scalar_type(), in.scalar_type()});
-      continue;
-    }
     at::Tensor out_work = out;
     if (!out.is_non_overlapping_and_dense()) {
       out_work = spec.reads_out ? out.contiguous() : at::empty(out.sizes(), out.options());
@@ -253,20 +266,20 @@ void PairPlan::finish() {
 
 PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins, double scalar,
                        bool layout) {
-  validate_lists(spec, outs, ins);
-  check_scalar_value(spec, scalar);
   PairPlan plan;
+  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr);
+  check_scalar_value(spec, scalar);
   plan.scalar.value = scalar;
-  if (layout) plan_layout(spec, outs, ins, plan);
+  if (layout) plan_slow_pairs(spec, outs, ins, slow, plan);
   return plan;
 }
 
 PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
                        const at::Tensor& scalar, bool layout) {
-  validate_lists(spec, outs, ins);
   PairPlan plan;
+  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr);
   plan.scalar = scalar_from_tensor(spec, scalar, outs);
-  if (layout) plan_layout(spec, outs, ins, plan);
+  if (layout) plan_slow_pairs(spec, outs, ins, slow, plan);
   return plan;
 }
 
