@@ -10,4 +10,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$PY" -m pip install pybind11 ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib
 "$PY" -m pip install --no-build-isolation .
+# The same build, placed in the checkout too (it reuses the objects pip just compiled
+# in ./build), so `python -m wavg_ext.bench` also works from the repository root,
+# where the source tree shadows the installed package.
+"$PY" setup.py -q build_ext --inplace
 "$PY" -c "import wavg_ext, json; print(json.dumps(wavg_ext.build_info()))"

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
-from . import _C
-from . import ops
+try:
+    from . import _C
+except ImportError as err:  # e.g. importing the source checkout, which has no compiled _C
+    raise ImportError(
+        f"wavg_ext's compiled extension (_C) was not found next to {__file__}. Build it with "
+        "`bash scripts/install.sh` (pip install --no-build-isolation . and an in-place build), "
+        "or run from outside the source checkout so the installed package is imported."
+    ) from err
+from . import ops  # noqa: E402
 
 __version__ = "0.1.0"
 
