@@ -264,6 +264,18 @@ class Helpers:
                 f"index {k}: {actual.flatten()[k].item()!r} vs {expected.flatten()[k].item()!r}")
 
     @staticmethod
+    def require_torch_isa(device):
+        """Bit-identity with torch's own CPU kernels holds only when wavg_ext's CPU
+        kernels use the vector ISA torch dispatches to (same fused multiply-adds);
+        builds for another ISA are held to the error bounds instead."""
+        if device != "cpu":
+            return
+        ours = wavg_ext.build_info()["cpu_capability"].upper()
+        torch_isa = torch.backends.cpu.get_cpu_capability().upper()
+        if ours != torch_isa:
+            pytest.skip(f"wavg_ext built for {ours}, torch runs {torch_isa}: not bit-comparable")
+
+    @staticmethod
     def assert_all_bits_equal(actual, expected, what="tensor"):
         assert len(actual) == len(expected)
         for i, (a, e) in enumerate(zip(actual, expected)):

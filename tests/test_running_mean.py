@@ -16,6 +16,7 @@ def test_matches_float64_oracle(h, device, dtypes, count, kind):
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 2.5, 1e6, 2**31])
 def test_float32_is_lerp_with_weight_rounded_once(h, device, count):
     """count c > 0 is lerp with weight float32(1 / (c + 1)), 1/(c+1) computed in float64."""
+    h.require_torch_isa(device)
     avgs, xs = h.make_lists(h.SIZES, (h.F32, h.F32), device)
     weight = torch.tensor(1.0 / (count + 1.0), dtype=torch.float64).float().item()
     expected = h.clones(avgs)
