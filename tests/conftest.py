@@ -276,6 +276,19 @@ class Helpers:
             pytest.skip(f"wavg_ext built for {ours}, torch runs {torch_isa}: not bit-comparable")
 
     @staticmethod
+    def assert_float32_is_foreach_lerp(op, device, value, lerp_weight):
+        """op(avgs, xs, value) on float32, with value as a float and as a float64 tensor,
+        gives the bits of torch._foreach_lerp_(avgs, xs, lerp_weight)."""
+        Helpers.require_torch_isa(device)
+        avgs, xs = Helpers.make_lists(Helpers.SIZES, (torch.float32, torch.float32), device)
+        expected = Helpers.clones(avgs)
+        torch._foreach_lerp_(expected, xs, lerp_weight)
+        for scalar in (value, torch.tensor(value, dtype=torch.float64, device=device)):
+            got = Helpers.clones(avgs)
+            Helpers.call(op, got, xs, scalar)
+            Helpers.assert_all_bits_equal(got, expected, f"{op}({scalar!r}) vs _foreach_lerp_")
+
+    @staticmethod
     def assert_all_bits_equal(actual, expected, what="tensor"):
         assert len(actual) == len(expected)
         for i, (a, e) in enumerate(zip(actual, expected)):

@@ -15,14 +15,7 @@ def test_matches_float64_oracle(h, device, dtypes, weight, kind):
 
 @pytest.mark.parametrize("weight", [0.1, 0.5, 0.999, -0.25, 1.5])
 def test_float32_bit_identical_to_foreach_lerp(h, device, weight):
-    h.require_torch_isa(device)
-    avgs, xs = h.make_lists(h.SIZES, (h.F32, h.F32), device)
-    expected = h.clones(avgs)
-    torch._foreach_lerp_(expected, xs, weight)
-    for scalar in (weight, torch.tensor(weight, dtype=torch.float64, device=device)):
-        got = h.clones(avgs)
-        h.call(OP, got, xs, scalar)
-        h.assert_all_bits_equal(got, expected, f"ema_ vs _foreach_lerp_ (weight {scalar!r})")
+    h.assert_float32_is_foreach_lerp(OP, device, weight, weight)
 
 
 @pytest.mark.parametrize("weight, which", [(0.0, "avg"), (1.0, "x")])

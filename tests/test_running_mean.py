@@ -16,15 +16,8 @@ def test_matches_float64_oracle(h, device, dtypes, count, kind):
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 2.5, 1e6, 2**31])
 def test_float32_is_lerp_with_weight_rounded_once(h, device, count):
     """count c > 0 is lerp with weight float32(1 / (c + 1)), 1/(c+1) computed in float64."""
-    h.require_torch_isa(device)
-    avgs, xs = h.make_lists(h.SIZES, (h.F32, h.F32), device)
     weight = torch.tensor(1.0 / (count + 1.0), dtype=torch.float64).float().item()
-    expected = h.clones(avgs)
-    torch._foreach_lerp_(expected, xs, weight)
-    for scalar in (count, torch.tensor(count, dtype=torch.float64, device=device)):
-        got = h.clones(avgs)
-        h.call(OP, got, xs, scalar)
-        h.assert_all_bits_equal(got, expected, f"running_mean_ count={scalar!r}")
+    h.assert_float32_is_foreach_lerp(OP, device, count, weight)
 
 
 @pytest.mark.parametrize("kind", ["py", "tensor"])
