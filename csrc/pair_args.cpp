@@ -124,7 +124,16 @@ void check_no_overlap(const OpSpec& spec, const std::vector<Span>& spans) {
   }
 }
 
-bool same_layout(const at::Tensor& a, const at::Tensor& b);
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_contiguous() && b.is_contiguous()) return true;
+  const auto sizes = a.sizes();
+  const auto sa = a.strides();
+  const auto sb = b.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
+  }
+  return true;
+}
 
 // Validates the lists. With a plan, it also records each non-empty pair that is
 // dense with the same layout on both sides as a view (the usual case, done in the
@@ -222,16 +231,6 @@ ScalarArg scalar_from_tensor(const OpSpec& spec, const at::Tensor& t, at::Tensor
   return s;
 }
 
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_contiguous() && b.is_contiguous()) return true;
-  const auto sizes = a.sizes();
-  const auto sa = a.strides();
-  const auto sb = b.strides();
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
-  }
-  return true;
-}
 
 // Kernels see each pair as two flat arrays in the same element order. Pairs that
 // are not both dense with the same strides run on temporaries instead.

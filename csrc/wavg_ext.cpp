@@ -47,13 +47,8 @@ void no_kernel(at::TensorList outs, at::TensorList ins, Scalar scalar) {
 }
 
 // Meta (FakeTensor, torch.compile tracing): validate, compute nothing.
-template <const OpSpec& kSpec>
-void meta_float(at::TensorList outs, at::TensorList ins, double scalar) {
-  prepare_pairs(kSpec, outs, ins, scalar, /*plan_layout=*/false);
-}
-
-template <const OpSpec& kSpec>
-void meta_tensor(at::TensorList outs, at::TensorList ins, const at::Tensor& scalar) {
+template <const OpSpec& kSpec, typename Scalar>
+void validate_only(at::TensorList outs, at::TensorList ins, Scalar scalar) {
   prepare_pairs(kSpec, outs, ins, scalar, /*plan_layout=*/false);
 }
 
@@ -128,16 +123,39 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
+// Reads (outs, ins, scalar) from Python for both Python entries, the kernels' fast
+// path and the reference path's checks, and calls f(outs, ins, scalar) with the
+// scalar as a tensor or a double.
+template <typename F>
+void with_python_args(const OpSpec& spec, pybind11::handle outs, pybind11::handle ins,
+                      pybind11::handle scalar, const F& f) {
+  BorrowedTensors o(spec, spec.out_name, outs);
+  BorrowedTensors i(spec, spec.in_name, ins);
+  if (THPVariable_Check(scalar.ptr())) {
+    f(o.list(), i.list(), THPVariable_Unpack(scalar.ptr()));
+    return;
+  }
+  double value;
+  try {
+    value = scalar.cast<double>();
+  } catch (const pybind11::cast_error&) {
+    throw pybind11::type_error(std::string(spec.name) + ": " + spec.scalar_name +
+                               " must be a number or a one-element tensor, got " +
+                               Py_TYPE(scalar.ptr())->tp_name);
+  }
+  f(o.list(), i.list(), value);
+}
+
 // The Python fast path: ops.ema_(avgs, xs, w) -> _C.ema_(...) -> the dispatcher.
 template <const OpSpec& kSpec>
 void call_from_python(pybind11::handle outs, pybind11::handle ins, pybind11::handle scalar) {
-  BorrowedTensors o(kSpec, kSpec.out_name, outs);
-  BorrowedTensors i(kSpec, kSpec.in_name, ins);
-  if (THPVariable_Check(scalar.ptr())) {
-    typed_op<kSpec, const at::Tensor&>().call(o.list(), i.list(), THPVariable_Unpack(scalar.ptr()));
-  } else {
-    typed_op<kSpec, double>().call(o.list(), i.list(), scalar.cast<double>());
-  }
+  with_python_args(kSpec, outs, ins, scalar, [](at::TensorList o, at::TensorList i, const auto& s) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(s)>, double>) {
+      typed_op<kSpec, double>().call(o, i, s);
+    } else {
+      typed_op<kSpec, const at::Tensor&>().call(o, i, s);
+    }
+  });
 }
 
 // How many distinct threads at::parallel_for really uses (OpenMP can silently
@@ -168,38 +186,22 @@ TORCH_LIBRARY(wavg_ext, m) {
   for (const char* schema : wavg_ext::kSchemas) m.def(schema);
 }
 
-#define WAVG_EXT_REGISTER_META(op, spec)                      \
-  m.impl(op, &wavg_ext::meta_float<wavg_ext::spec>);          \
-  m.impl(op ".Tensor", &wavg_ext::meta_tensor<wavg_ext::spec>)
+// Registers kernel<spec, double> and kernel<spec, const at::Tensor&> as the two
+// overloads of every op.
+#define WAVG_EXT_IMPL_OP(op, spec, kernel)                         \
+  m.impl(op, &wavg_ext::kernel<wavg_ext::spec, double>);           \
+  m.impl(op ".Tensor", &wavg_ext::kernel<wavg_ext::spec, const at::Tensor&>)
+#define WAVG_EXT_IMPL_ALL_OPS(kernel)                              \
+  WAVG_EXT_IMPL_OP("running_mean_", kRunningMeanSpec, kernel);     \
+  WAVG_EXT_IMPL_OP("ema_", kEmaSpec, kernel);                      \
+  WAVG_EXT_IMPL_OP("accumulate_", kAccumulateSpec, kernel);        \
+  WAVG_EXT_IMPL_OP("scale_copy_", kScaleCopySpec, kernel)
 
-TORCH_LIBRARY_IMPL(wavg_ext, Meta, m) {
-  WAVG_EXT_REGISTER_META("running_mean_", kRunningMeanSpec);
-  WAVG_EXT_REGISTER_META("ema_", kEmaSpec);
-  WAVG_EXT_REGISTER_META("accumulate_", kAccumulateSpec);
-  WAVG_EXT_REGISTER_META("scale_copy_", kScaleCopySpec);
-}
+TORCH_LIBRARY_IMPL(wavg_ext, Meta, m) { WAVG_EXT_IMPL_ALL_OPS(validate_only); }
 
-#define WAVG_EXT_REGISTER_FALLBACK(op, spec)                               \
-  m.impl(op, &wavg_ext::no_kernel<wavg_ext::spec, double>);                \
-  m.impl(op ".Tensor", &wavg_ext::no_kernel<wavg_ext::spec, const at::Tensor&>)
+TORCH_LIBRARY_IMPL(wavg_ext, CompositeExplicitAutograd, m) { WAVG_EXT_IMPL_ALL_OPS(no_kernel); }
 
-TORCH_LIBRARY_IMPL(wavg_ext, CompositeExplicitAutograd, m) {
-  WAVG_EXT_REGISTER_FALLBACK("running_mean_", kRunningMeanSpec);
-  WAVG_EXT_REGISTER_FALLBACK("ema_", kEmaSpec);
-  WAVG_EXT_REGISTER_FALLBACK("accumulate_", kAccumulateSpec);
-  WAVG_EXT_REGISTER_FALLBACK("scale_copy_", kScaleCopySpec);
-}
-
-#define WAVG_EXT_REGISTER_AUTOGRAD(op, spec)                                     \
-  m.impl(op, &wavg_ext::autograd_kernel<wavg_ext::spec, double>);                \
-  m.impl(op ".Tensor", &wavg_ext::autograd_kernel<wavg_ext::spec, const at::Tensor&>)
-
-TORCH_LIBRARY_IMPL(wavg_ext, Autograd, m) {
-  WAVG_EXT_REGISTER_AUTOGRAD("running_mean_", kRunningMeanSpec);
-  WAVG_EXT_REGISTER_AUTOGRAD("ema_", kEmaSpec);
-  WAVG_EXT_REGISTER_AUTOGRAD("accumulate_", kAccumulateSpec);
-  WAVG_EXT_REGISTER_AUTOGRAD("scale_copy_", kScaleCopySpec);
-}
+TORCH_LIBRARY_IMPL(wavg_ext, Autograd, m) { WAVG_EXT_IMPL_ALL_OPS(autograd_kernel); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "wavg_ext compiled kernels (ops are registered as torch.ops.wavg_ext.*)";
@@ -227,16 +229,13 @@ PYBIND11_MODULE(_C, m) {
   // The reference path validates with exactly the checks the kernels use.
   m.def(
       "check_args",
-      [](const std::string& op, const std::vector<at::Tensor>& outs,
-         const std::vector<at::Tensor>& ins, const at::Tensor& scalar) {
-        wavg_ext::prepare_pairs(wavg_ext::spec_by_name(op), outs, ins, scalar, false);
-      },
-      pybind11::arg("op"), pybind11::arg("outs"), pybind11::arg("ins"), pybind11::arg("scalar"));
-  m.def(
-      "check_args",
-      [](const std::string& op, const std::vector<at::Tensor>& outs,
-         const std::vector<at::Tensor>& ins, double scalar) {
-        wavg_ext::prepare_pairs(wavg_ext::spec_by_name(op), outs, ins, scalar, false);
+      [](const std::string& op, pybind11::handle outs, pybind11::handle ins,
+         pybind11::handle scalar) {
+        const wavg_ext::OpSpec& spec = wavg_ext::spec_by_name(op);
+        wavg_ext::with_python_args(spec, outs, ins, scalar,
+                                   [&](at::TensorList o, at::TensorList i, const auto& s) {
+                                     wavg_ext::prepare_pairs(spec, o, i, s, false);
+                                   });
       },
       pybind11::arg("op"), pybind11::arg("outs"), pybind11::arg("ins"), pybind11::arg("scalar"));
 }

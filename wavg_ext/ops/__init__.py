@@ -52,20 +52,12 @@ def _as_list(name: str, tensors: TensorList):
     return list(tensors)
 
 
-def _check_elements(op: str, names: tuple, lists: tuple) -> None:
-    for name, tensors in zip(names, lists):
-        for i, t in enumerate(tensors):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
-
-
 def _call(op: str, names: tuple, outs: TensorList, ins: TensorList, scalar: Scalar) -> None:
     outs = _as_list(names[0], outs)
     ins = _as_list(names[1], ins)
     first = outs[0] if outs else (ins[0] if ins else None)
     device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
     if _force_reference or device_type not in _KERNEL_DEVICES:
-        _check_elements(op, names, (outs, ins))
         _C.check_args(op, outs, ins, scalar)
         getattr(reference, op)(outs, ins, scalar)
     elif torch.compiler.is_compiling():
