@@ -506,6 +506,47 @@ class Helpers:
                 continue
             assert Helpers.call(op, make([]), make([]), scalar, path) is None
 
+    # ---- optimizer-wrapper tasks ------------------------------------------------------
+    @staticmethod
+    def tiny_model(seed=0, bn=False, dtype=torch.float32, device="cpu"):
+        """A small MLP (optionally with BatchNorm) with a fixed initialization."""
+        gen = torch.Generator().manual_seed(seed)
+        layers = [torch.nn.Linear(6, 8)] + ([torch.nn.BatchNorm1d(8)] if bn else []) + \
+                 [torch.nn.Tanh(), torch.nn.Linear(8, 3)]
+        model = torch.nn.Sequential(*layers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        return model.to(device=device, dtype=dtype)
+
+    @staticmethod
+    def batches(n, seed=1, size=16, dtype=torch.float32, device="cpu"):
+        """n fixed (inputs, targets) regression batches."""
+        gen = torch.Generator().manual_seed(seed)
+        return [(torch.randn(size, 6, generator=gen).to(device, dtype),
+                 torch.randn(size, 3, generator=gen).to(device, dtype)) for _ in range(n)]
+
+    @staticmethod
+    def train(model, opt, batches, steps, first=0, after_step=None, scaler=None):
+        """Steps first..steps-1 of SGD on batches[i % len]; after_step(i) after each."""
+        for i in range(first, steps):
+            x, y = batches[i % len(batches)]
+            opt.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            if after_step is not None:
+                after_step(i)
+
+    @staticmethod
+    def params_of(model):
+        return [p.detach().clone() for p in model.parameters()]
+
 
 @pytest.fixture
 def h():

@@ -1,7 +1,9 @@
 """wavg_ext: fused weight averaging (SWA, EMA and friends) for PyTorch.
 
-``wavg_ext.ops`` holds the fused in-place ops; ``wavg_ext.build_info()`` says what
-was compiled into this installation.
+``wavg_ext.optim`` holds the drop-in optimizer wrappers (``SWA``, ``EMA``, ``PSWA``,
+``PWALKS``, ``PSWM``, ``PeriodicSWA``, re-exported here), ``wavg_ext.update_bn`` the
+BatchNorm recalibration, ``wavg_ext.ops`` the fused in-place ops they use, and
+``wavg_ext.build_info()`` says what was compiled into this installation.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ except ImportError as err:  # e.g. importing the source checkout, which has no c
         "or run from outside the source checkout so the installed package is imported."
     ) from err
 from . import ops  # noqa: E402
+from . import optim  # noqa: E402
+from .bn import update_bn  # noqa: E402
+from .optim import EMA, PSWA, PSWM, PWALKS, SWA, PeriodicSWA, WeightAveraging, cyclic_lr  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "build_info", "__version__"]
+__all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "WeightAveraging", "SWA", "EMA", "PSWA",
+           "PWALKS", "PSWM", "PeriodicSWA", "__version__"]
 
 
 def build_info() -> dict:

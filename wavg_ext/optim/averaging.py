@@ -1,0 +1,744 @@
+"""Drop-in optimizer wrappers that keep weight averages with the fused ``wavg_ext.ops``.
+
+One sampling engine, :class:`WeightAveraging`, decides after every base ``step()``
+whether the current weights are a sample (``start``, ``every``, or within a period
+``sample_fraction`` / ``last_fraction``), folds a sample into the average (``rule``
+"mean" or "momentum"), and at a period end assigns the average to the model, resets
+it and optionally restarts from it. The paper methods are presets of it:
+:class:`SWA`, :class:`EMA`, :class:`PSWA`, :class:`PWALKS`, :class:`PSWM` and
+:class:`PeriodicSWA`.
+
+Positions: position ``t`` is the state after ``t`` completed base steps (position 0:
+the weights before the first step, processed at the start of the first ``step()``).
+All decisions are made on host-side integers, so a step never syncs with the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from fractions import Fraction
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .. import _C, ops
+
+__all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA"]
+
+_STATE_VERSION = 1
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    value = _check_real(name, value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def fraction_count(fraction: float, length: int) -> int:
+    """Steps of a period of ``length`` steps that ``fraction`` selects: ceil(fraction·length), >= 1.
+
+    The fraction is read as the nearest rational with denominator <= 1e9, so 0.3 of 10
+    steps is exactly 3 (not 4 from 0.3's binary rounding).
+    """
+    exact = Fraction(fraction).limit_denominator(10**9)
+    return max(1, min(length, math.ceil(exact * length)))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class WeightAveraging(Optimizer):
+    """Wraps ``optimizer`` and keeps an average of its parameters, updated after each step.
+
+    The wrapper shares the base optimizer's ``param_groups``, ``state`` and ``defaults``
+    (LR schedulers, ``GradScaler.step``, ``zero_grad`` and closures work unchanged) and
+    is an instance of ``torch.optim.Optimizer``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``. Every tensor of its ``param_groups`` is
+            averaged, in order (position ``i`` in ``averaged_parameters()`` is the
+            ``i``-th parameter of the flattened groups).
+        rule: ``"mean"`` (running mean of the samples) or ``"momentum"``
+            (``avg <- (1 - m)·avg + m·w``). The first sample after a reset is copied.
+        momentum: ``m`` in (0, 1] for ``rule="momentum"``.
+        start: first position that can be sampled (>= 0).
+        every: without a period, sample positions ``start, start+every, ...``; with a
+            period, sample in-period steps ``every, 2·every, ...``.
+        period: period length in steps (e.g. steps per epoch); periods begin at ``start``.
+        periods: number of periods (None: unlimited). After the last one the average
+            (and, with ``assign``, the model) keeps the last period's result.
+        sample_fraction: alpha in (0, 1]: ``ceil(alpha·period)`` samples spread evenly over
+            each period, the period's last step always among them.
+        last_fraction: k in (0, 1]: only the last ``ceil(k·period)`` steps of each period.
+        include_period_start: the weights at each period's start are its first sample
+            (periodic SWA restarts from the previous average and averages it in).
+        assign: at each period end copy the average into the model's parameters
+            (and averaged buffers).
+        reset: at each period end start a new average (the next sample is copied).
+        reset_optimizer_state: at each period end clear the base optimizer's state
+            (momentum buffers, Adam moments), as if a fresh optimizer started the period.
+        on_assign: called with no arguments after each period-end assignment (e.g. BN
+            recalibration with :func:`wavg_ext.update_bn`).
+        module: the model; needed for ``average_buffers`` and lets ``copy_to`` match
+            another module's parameters by name.
+        average_buffers: also average ``module``'s floating buffers (BN running stats)
+            with the same rule; integer buffers (``num_batches_tracked``) are copied.
+        average_dtype: dtype of the averages. Default: float32 for float16/bfloat16
+            tensors, the tensor's own dtype otherwise.
+    """
+
+    method = "WeightAveraging"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        rule: str = "mean",
+        momentum: Optional[float] = None,
+        start: int = 0,
+        every: int = 1,
+        period: Optional[int] = None,
+        periods: Optional[int] = None,
+        sample_fraction: Optional[float] = None,
+        last_fraction: Optional[float] = None,
+        include_period_start: bool = False,
+        assign: bool = False,
+        reset: bool = False,
+        reset_optimizer_state: bool = False,
+        on_assign: Optional[Callable[[], Any]] = None,
+        module: Optional[nn.Module] = None,
+        average_buffers: bool = False,
+        average_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        # Deliberately no Optimizer.__init__: param_groups/state/defaults are the base's.
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if rule not in ("mean", "momentum"):
+            raise ValueError(f"rule must be 'mean' or 'momentum', got {rule!r}")
+        if rule == "momentum":
+            if momentum is None:
+                raise ValueError("rule='momentum' needs momentum in (0, 1]")
+            momentum = _check_fraction("momentum", momentum)
+        elif momentum is not None:
+            raise ValueError("momentum is only used with rule='momentum'")
+        start = _check_int("start", start, 0)
+        every = _check_int("every", every, 1)
+        if period is not None:
+            period = _check_int("period", period, 1)
+        if periods is not None:
+            periods = _check_int("periods", periods, 1)
+        if sample_fraction is not None:
+            sample_fraction = _check_fraction("sample_fraction", sample_fraction)
+        if last_fraction is not None:
+            last_fraction = _check_fraction("last_fraction", last_fraction)
+        for flag_name, flag in (("include_period_start", include_period_start), ("assign", assign),
+                                ("reset", reset), ("reset_optimizer_state", reset_optimizer_state),
+                                ("average_buffers", average_buffers)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+        if period is None:
+            needs = [n for n, v in (("periods", periods), ("sample_fraction", sample_fraction),
+                                    ("last_fraction", last_fraction)) if v is not None]
+            needs += [n for n, v in (("include_period_start", include_period_start), ("assign", assign),
+                                     ("reset", reset), ("reset_optimizer_state", reset_optimizer_state)) if v]
+            if needs:
+                raise ValueError(f"{', '.join(needs)} need(s) a period (steps per period)")
+        else:
+            chosen = [n for n, v in (("sample_fraction", sample_fraction), ("last_fraction", last_fraction))
+                      if v is not None] + (["every"] if every != 1 else [])
+            if len(chosen) > 1:
+                raise ValueError(f"choose one in-period sampling rule, got {' and '.join(chosen)}")
+            if every > period and not include_period_start:
+                raise ValueError(f"every={every} > period={period}: no step of a period would be sampled")
+        if on_assign is not None:
+            if not callable(on_assign):
+                raise TypeError(f"on_assign must be callable, got {type(on_assign).__name__}")
+            if not assign:
+                raise ValueError("on_assign is called after a period-end assignment: it needs assign=True")
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if average_buffers and module is None:
+            raise ValueError("average_buffers=True needs module= (the model whose buffers to average)")
+        if average_dtype is not None and (not isinstance(average_dtype, torch.dtype)
+                                          or not average_dtype.is_floating_point):
+            raise TypeError(f"average_dtype must be a floating torch.dtype, got {average_dtype!r}")
+
+        self.optimizer = optimizer
+        self.rule = rule
+        self.momentum = momentum
+        self.start = start
+        self.every = every
+        self.period = period
+        self.periods = periods
+        self.sample_fraction = sample_fraction
+        self.last_fraction = last_fraction
+        self.include_period_start = include_period_start
+        self.assign = assign
+        self.reset_at_period_end = reset
+        self.reset_optimizer_state = reset_optimizer_state
+        self.on_assign = on_assign
+        self.module = module
+        self.average_buffers = average_buffers
+        self.average_dtype = average_dtype
+        # Samples of a period, fixed by the period length.
+        self._fraction_n = None
+        if period is not None and sample_fraction is not None:
+            self._fraction_n = fraction_count(sample_fraction, period)
+        if period is not None and last_fraction is not None:
+            self._fraction_n = fraction_count(last_fraction, period)
+
+        self._build_tensors()
+        # Counters (host integers: no device sync per step).
+        self._step = 0  # completed base steps
+        self._processed = -1  # last position whose events ran
+        self._num = 0  # samples in the current average
+        self._period_index = 0  # completed periods
+        self._finished = False  # all `periods` done
+        self._stash: Optional[List[torch.Tensor]] = None  # training weights while swapped
+
+    # ----------------------------------------------------------------- tensors
+
+    def _build_tensors(self) -> None:
+        params: List[torch.Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"param_groups tensor {i} is a {type(p).__name__}, not a Tensor")
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {i} has dtype {p.dtype}; only floating tensors can be averaged")
+        float_bufs: List[torch.Tensor] = []
+        other_bufs: List[torch.Tensor] = []
+        buffer_names: List[str] = []
+        other_names: List[str] = []
+        if self.average_buffers:
+            for name, b in self.module.named_buffers():
+                if b is None:
+                    continue
+                if b.is_floating_point():
+                    float_bufs.append(b)
+                    buffer_names.append(name)
+                else:
+                    other_bufs.append(b)
+                    other_names.append(name)
+        sources = [p.detach() for p in params] + float_bufs
+        averages = [torch.empty_like(s, dtype=self._avg_dtype(s), memory_format=torch.preserve_format)
+                    for s in sources]
+        # One fused call per device (a model split over devices gets one call per device).
+        groups: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        for s, a in zip(sources, averages):
+            g = groups.setdefault(s.device, ([], []))
+            g[0].append(a)
+            g[1].append(s)
+        for avgs, srcs in groups.values():
+            # The ops' own validation (dtype pairs, layouts), now rather than at the first sample.
+            _C.check_args("running_mean_", avgs, srcs, 0.0)
+        self._params = params
+        self._num_params = len(params)
+        self._sources = sources
+        self._averages = averages
+        self._groups = list(groups.values())
+        self._buffer_names = buffer_names
+        self._int_buffers = other_bufs
+        self._int_buffer_names = other_names
+        self._int_averages = [b.clone() for b in other_bufs]
+        self._param_names: Optional[List[Optional[str]]] = None
+        if self.module is not None:
+            by_id = {id(p): n for n, p in self.module.named_parameters()}
+            self._param_names = [by_id.get(id(p)) for p in params]
+
+    def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
+        if self.average_dtype is not None:
+            return self.average_dtype
+        return torch.float32 if t.dtype in _HALF_DTYPES else t.dtype
+
+    # ----------------------------------------------------------------- Optimizer interface
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: Dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({cfg},\n  optimizer={self.optimizer!r})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group to the base optimizer; only before the first sample (or after reset())."""
+        if self._num > 0 or self._stash is not None:
+            raise RuntimeError(
+                "add_param_group after weights were averaged would give the new parameters an average of "
+                "fewer samples than the others; call reset() first")
+        self.optimizer.add_param_group(param_group)
+        self._build_tensors()
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One base optimizer step, then the averaging events of the new position."""
+        if self._stash is not None:
+            raise RuntimeError("the model holds the averaged weights (swap() or averaged() is active); "
+                               "call swap() again before training")
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != self._num_params:
+            raise RuntimeError("the base optimizer's parameters changed since wrapping; add parameter "
+                               "groups through the wrapper's add_param_group")
+        if self._processed < self._step:  # position 0: the weights before the first step
+            self._run_position(self._step)
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._step += 1
+        self._run_position(self._step)
+        return loss
+
+    # ----------------------------------------------------------------- sampling engine
+
+    def _is_sample(self, position: int) -> bool:
+        """Whether position (>= start, inside a period when there are periods) is sampled."""
+        rel = position - self.start
+        if self.period is None:
+            return rel % self.every == 0
+        if rel == 0:
+            return self.include_period_start
+        i = (rel - 1) % self.period + 1  # step of the period, 1..period
+        if self.sample_fraction is not None:
+            n = self._fraction_n
+            return (i * n) // self.period != ((i - 1) * n) // self.period
+        if self.last_fraction is not None:
+            return i > self.period - self._fraction_n
+        return i % self.every == 0
+
+    def _run_position(self, position: int) -> None:
+        self._processed = position
+        if self._finished or position < self.start:
+            return
+        if self._is_sample(position):
+            self._sample()
+        rel = position - self.start
+        if self.period is not None and rel > 0 and rel % self.period == 0:
+            self._period_end()
+
+    def _period_end(self) -> None:
+        if self.assign:
+            self._write_model(self._averages, self._int_averages)
+            if self.reset_optimizer_state:
+                self.optimizer.state.clear()
+            if self.on_assign is not None:
+                self.on_assign()
+        elif self.reset_optimizer_state:
+            self.optimizer.state.clear()
+        self._period_index += 1
+        if self.periods is not None and self._period_index >= self.periods:
+            self._finished = True
+            return
+        if self.reset_at_period_end:
+            self._num = 0
+        if self.include_period_start:
+            self._sample()
+
+    def _sample(self) -> None:
+        n = self._num
+        for avgs, srcs in self._groups:
+            if n == 0:
+                ops.scale_copy_(avgs, srcs, 1.0)
+            elif self.rule == "mean":
+                ops.running_mean_(avgs, srcs, n)
+            else:
+                ops.ema_(avgs, srcs, self.momentum)
+        if self._int_buffers:
+            torch._foreach_copy_(self._int_averages, self._int_buffers)
+        self._num = n + 1
+
+    def _write_model(self, float_values: Sequence[torch.Tensor], int_values: Sequence[torch.Tensor]) -> None:
+        """Copies per-source values (aligned with self._sources) into the model's tensors."""
+        by_device: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        for dst, src in zip(self._sources, float_values):
+            g = by_device.setdefault(dst.device, ([], []))
+            g[0].append(dst)
+            g[1].append(src)
+        for dsts, srcs in by_device.values():
+            ops.scale_copy_(dsts, srcs, 1.0)
+        if self._int_buffers:
+            torch._foreach_copy_(self._int_buffers, list(int_values))
+
+    # ----------------------------------------------------------------- public helpers
+
+    @property
+    def num_averaged(self) -> int:
+        """Samples in the current average (0 right after a reset)."""
+        return self._num
+
+    @property
+    def step_count(self) -> int:
+        """Completed base optimizer steps."""
+        return self._step
+
+    @property
+    def period_index(self) -> int:
+        """Completed periods (0 without periods)."""
+        return self._period_index
+
+    @property
+    def swapped(self) -> bool:
+        """Whether the model currently holds the averaged weights (after swap())."""
+        return self._stash is not None
+
+    def _require_average(self, what: str) -> None:
+        if self._num == 0:
+            raise RuntimeError(f"{what}: no weights have been averaged yet (num_averaged == 0)")
+
+    def averaged_parameters(self) -> List[torch.Tensor]:
+        """The averages of the parameters, in the base optimizer's parameter order.
+
+        These are the live tensors the wrapper updates; clone them to keep a snapshot.
+        """
+        self._require_average("averaged_parameters()")
+        return self._averages[: self._num_params]
+
+    def averaged_buffers(self) -> Dict[str, torch.Tensor]:
+        """The averaged (floating) and last-copied (integer) buffers, by name."""
+        self._require_average("averaged_buffers()")
+        out = dict(zip(self._buffer_names, self._averages[self._num_params:]))
+        out.update(zip(self._int_buffer_names, self._int_averages))
+        return out
+
+    def swap(self) -> None:
+        """Puts the averaged weights into the model; a second call puts the training weights back.
+
+        The averages themselves are never overwritten (with float32 averages of bf16
+        weights an exchange would round them), so swapping back and forth loses nothing.
+        Training (step) is refused while swapped.
+        """
+        if self._stash is None:
+            self._require_average("swap()")
+            stash = [s.detach().clone(memory_format=torch.preserve_format) for s in self._sources]
+            int_stash = [b.clone() for b in self._int_buffers]
+            self._write_model(self._averages, self._int_averages)
+            self._stash = stash + int_stash
+        else:
+            stash, self._stash = self._stash, None
+            self._write_model(stash[: len(self._sources)], stash[len(self._sources):])
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Context manager: averaged weights in the model inside, training weights back on exit.
+
+        With ``module`` given, all of its buffers are restored on exit too, so BN
+        statistics recalibrated inside (``update_bn``) do not leak into training.
+        """
+        self.swap()
+        saved = []
+        try:
+            if self.module is not None:
+                saved = [(b, b.clone()) for b in self.module.buffers()]
+            yield
+        finally:
+            with torch.no_grad():
+                for b, copy in saved:
+                    b.copy_(copy)
+            self.swap()
+
+    def copy_to(self, target: Union[nn.Module, Sequence[torch.Tensor]]) -> None:
+        """Copies the averages into ``target``: a module or a list of tensors.
+
+        A module is matched by parameter name when the wrapper was given ``module=`` (and
+        gets the averaged buffers too), otherwise by position in ``target.parameters()``.
+        A list is matched by position against the averaged parameters. Shapes are
+        checked before anything is written; dtypes are cast.
+        """
+        self._require_average("copy_to()")
+        n = self._num_params
+        pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        if isinstance(target, nn.Module):
+            if self._param_names is not None:
+                named = dict(target.named_parameters())
+                missing = [name if name is not None else f"<parameter {i} not in module>"
+                           for i, name in enumerate(self._param_names) if name is None or name not in named]
+                if missing:
+                    raise ValueError(f"copy_to: target module has no parameter(s) {missing[:5]}")
+                dsts = [named[name] for name in self._param_names]
+                if self.average_buffers:
+                    bufs = dict(target.named_buffers())
+                    names = self._buffer_names + self._int_buffer_names
+                    absent = [b for b in names if b not in bufs]
+                    if absent:
+                        raise ValueError(f"copy_to: target module has no buffer(s) {absent[:5]}")
+                    pairs += [(bufs[b], a) for b, a in zip(self._buffer_names, self._averages[n:])]
+                    pairs += [(bufs[b], a) for b, a in zip(self._int_buffer_names, self._int_averages)]
+            else:
+                dsts = list(target.parameters())
+        elif isinstance(target, torch.Tensor):
+            raise TypeError("copy_to: target must be a module or a list of tensors, got a single Tensor")
+        else:
+            dsts = list(target)
+        if len(dsts) != n:
+            raise ValueError(f"copy_to: target has {len(dsts)} parameters, the wrapper averages {n}")
+        pairs = list(zip(dsts, self._averages[:n])) + pairs
+        for i, (dst, avg) in enumerate(pairs):
+            if not isinstance(dst, torch.Tensor):
+                raise TypeError(f"copy_to: target[{i}] is a {type(dst).__name__}, not a Tensor")
+            if dst.shape != avg.shape:
+                raise ValueError(f"copy_to: target[{i}] has shape {list(dst.shape)}, its average "
+                                 f"{list(avg.shape)}")
+            if dst.is_floating_point() != avg.is_floating_point():
+                raise TypeError(f"copy_to: target[{i}] has dtype {dst.dtype}, its average {avg.dtype}")
+        with torch.no_grad():
+            for dst, avg in pairs:
+                dst.copy_(avg)
+
+    def reset(self) -> None:
+        """Drops the current average: the next sample starts a new one."""
+        if self._stash is not None:
+            raise RuntimeError("reset() while swapped would drop the averages the model holds; swap() back first")
+        self._num = 0
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _config(self) -> Dict[str, Any]:
+        return {
+            "rule": self.rule, "momentum": self.momentum, "start": self.start, "every": self.every,
+            "period": self.period, "periods": self.periods, "sample_fraction": self.sample_fraction,
+            "last_fraction": self.last_fraction, "include_period_start": self.include_period_start,
+            "assign": self.assign, "reset": self.reset_at_period_end,
+            "reset_optimizer_state": self.reset_optimizer_state, "average_buffers": self.average_buffers,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Base optimizer state, averages and counters; averages keyed by parameter position.
+
+        The tensors are the live ones (like ``Module.state_dict``): save or clone them.
+        """
+        if self._stash is not None:
+            raise RuntimeError("state_dict() while swapped: the model holds the averages; swap() back first")
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "averaging": {
+                "version": _STATE_VERSION,
+                "method": self.method,
+                "config": self._config(),
+                "step": self._step,
+                "processed": self._processed,
+                "num_averaged": self._num,
+                "period_index": self._period_index,
+                "finished": self._finished,
+                "averages": list(self._averages),
+                "buffer_names": list(self._buffer_names),
+                "integer_buffers": list(self._int_averages),
+                "integer_buffer_names": list(self._int_buffer_names),
+            },
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()``; everything is checked before anything is changed."""
+        if self._stash is not None:
+            raise RuntimeError("load_state_dict() while swapped; swap() back first")
+        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "averaging" not in state_dict:
+            raise ValueError("not a wavg_ext averaging state dict (expected keys 'optimizer' and 'averaging')")
+        avg = state_dict["averaging"]
+        if avg.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported averaging state version {avg.get('version')!r}")
+        if avg.get("method") != self.method:
+            raise ValueError(f"state dict is from {avg.get('method')}, this wrapper is {self.method}")
+        mine = self._config()
+        diff = sorted(k for k in set(mine) | set(avg["config"]) if mine.get(k) != avg["config"].get(k))
+        if diff:
+            detail = ", ".join(f"{k}: saved {avg['config'].get(k)!r} vs {mine.get(k)!r}" for k in diff)
+            raise ValueError(f"state dict was saved with other settings ({detail})")
+        saved, saved_int = avg["averages"], avg["integer_buffers"]
+        if len(saved) != len(self._averages) or len(saved_int) != len(self._int_averages):
+            raise ValueError(f"state dict has {len(saved)} averages and {len(saved_int)} integer buffers, this "
+                             f"wrapper {len(self._averages)} and {len(self._int_averages)}")
+        for kind, src_list, dst_list in (("averages", saved, self._averages),
+                                         ("integer_buffers", saved_int, self._int_averages)):
+            for i, (s, d) in enumerate(zip(src_list, dst_list)):
+                if not isinstance(s, torch.Tensor) or s.shape != d.shape or s.dtype != d.dtype:
+                    got = f"{list(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
+                    raise ValueError(f"state dict {kind}[{i}] is {got}, expected {list(d.shape)} {d.dtype}")
+        if list(avg["buffer_names"]) != self._buffer_names or \
+                list(avg["integer_buffer_names"]) != self._int_buffer_names:
+            raise ValueError("state dict averages other buffers than this wrapper's module has")
+        self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything on mismatch
+        with torch.no_grad():
+            for s, d in zip(saved, self._averages):
+                d.copy_(s)
+            for s, d in zip(saved_int, self._int_averages):
+                d.copy_(s)
+        self._step = int(avg["step"])
+        self._processed = int(avg["processed"])
+        self._num = int(avg["num_averaged"])
+        self._period_index = int(avg["period_index"])
+        self._finished = bool(avg["finished"])
+
+
+# --------------------------------------------------------------------------- the paper methods
+
+
+class SWA(WeightAveraging):
+    """Stochastic Weight Averaging (Izmailov et al.): running mean of samples every ``every`` steps.
+
+    Samples are the weights at positions ``start, start + every, start + 2·every, ...``
+    (the paper's Algorithm 1: w_SWA starts as the weights at ``start``). The model is
+    not touched: evaluate with ``averaged()`` or ``copy_to``, then ``update_bn``.
+    """
+
+    method = "SWA"
+
+    def __init__(self, optimizer: Optimizer, start: int = 0, every: int = 1, *,
+                 module: Optional[nn.Module] = None, average_buffers: bool = False,
+                 average_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(optimizer, rule="mean", start=start, every=every, module=module,
+                         average_buffers=average_buffers, average_dtype=average_dtype)
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average: avg <- decay·avg + (1 − decay)·w at positions ``start, start+every, ...``.
+
+    The first sample is copied (as ``AveragedModel`` with ``get_ema_multi_avg_fn`` does).
+    """
+
+    method = "EMA"
+
+    def __init__(self, optimizer: Optimizer, decay: float = 0.999, every: int = 1, start: int = 0, *,
+                 module: Optional[nn.Module] = None, average_buffers: bool = False,
+                 average_dtype: Optional[torch.dtype] = None) -> None:
+        decay = _check_real("decay", decay)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        super().__init__(optimizer, rule="momentum", momentum=1.0 - decay, start=start, every=every,
+                         module=module, average_buffers=average_buffers, average_dtype=average_dtype)
+
+
+class PSWA(WeightAveraging):
+    """Periodically Sampled Weight Averaging (Tripathi, Liu et al., Algorithm 1).
+
+    Each epoch of ``steps_per_epoch`` steps keeps a running mean of ``ceil(alpha·b)``
+    of its batch-wise weights spread evenly (the last always included), then assigns it
+    to the model at the epoch end (``on_assign`` runs next: BN recalibration on a
+    fraction beta) and starts the next epoch's mean from scratch.
+    """
+
+    method = "PSWA"
+
+    def __init__(self, optimizer: Optimizer, steps_per_epoch: int, sample_fraction: float = 1.0,
+                 start: int = 0, *, on_assign: Optional[Callable[[], Any]] = None,
+                 reset_optimizer_state: bool = False, module: Optional[nn.Module] = None,
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(optimizer, rule="mean", start=start, period=steps_per_epoch,
+                         sample_fraction=sample_fraction, assign=True, reset=True,
+                         reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
+                         average_buffers=average_buffers, average_dtype=average_dtype)
+
+
+class PWALKS(WeightAveraging):
+    """Periodic Weight Averaging over the Last K Samples (eq. 5): the mean of only the
+    last ``ceil(k·b)`` steps of each epoch, assigned at the epoch end. k = 1 is PSWA with alpha = 1.
+    """
+
+    method = "PWALKS"
+
+    def __init__(self, optimizer: Optimizer, steps_per_epoch: int, last_fraction: float,
+                 start: int = 0, *, on_assign: Optional[Callable[[], Any]] = None,
+                 reset_optimizer_state: bool = False, module: Optional[nn.Module] = None,
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(optimizer, rule="mean", start=start, period=steps_per_epoch,
+                         last_fraction=last_fraction, assign=True, reset=True,
+                         reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
+                         average_buffers=average_buffers, average_dtype=average_dtype)
+
+
+class PSWM(WeightAveraging):
+    """Periodically Sampled Weight Momentum (eq. 6, read as avg <- (1 − m)·avg + m·w).
+
+    The first sample of an epoch is copied; the average is assigned at each epoch end.
+    m = 1 is plain SGD.
+    """
+
+    method = "PSWM"
+
+    def __init__(self, optimizer: Optimizer, steps_per_epoch: int, momentum: float,
+                 sample_fraction: float = 1.0, start: int = 0, *,
+                 on_assign: Optional[Callable[[], Any]] = None, reset_optimizer_state: bool = False,
+                 module: Optional[nn.Module] = None, average_buffers: bool = False,
+                 average_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(optimizer, rule="momentum", momentum=momentum, start=start, period=steps_per_epoch,
+                         sample_fraction=sample_fraction, assign=True, reset=True,
+                         reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
+                         average_buffers=average_buffers, average_dtype=average_dtype)
+
+
+class PeriodicSWA(WeightAveraging):
+    """Periodic SWA (Guo, Jin, Liu): successive SWA procedures of ``period`` steps.
+
+    Each procedure starts from the weights at its start (the previous procedure's
+    average), averages them with samples every ``every`` steps, and at its end the model
+    is set to that average. ``periods=2`` is DSWA, ``periods=3`` TSWA; after the last
+    period the model keeps the final average. ``reset_optimizer_state=True`` restarts
+    the base optimizer's momentum with each procedure.
+    """
+
+    method = "PeriodicSWA"
+
+    def __init__(self, optimizer: Optimizer, period: int, start: int = 0, every: int = 1,
+                 periods: Optional[int] = None, *, on_assign: Optional[Callable[[], Any]] = None,
+                 reset_optimizer_state: bool = False, module: Optional[nn.Module] = None,
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(optimizer, rule="mean", start=start, every=every, period=period, periods=periods,
+                         include_period_start=True, assign=True, reset=True,
+                         reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
+                         average_buffers=average_buffers, average_dtype=average_dtype)
