@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .optim.averaging import fraction_count
+
 __all__ = ["update_bn"]
 
 # Keys of a dict batch that are targets, not model inputs.
@@ -73,7 +75,7 @@ def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
             total = len(loader)  # type: ignore[arg-type]
         except TypeError:
             raise TypeError("update_bn: fraction < 1 needs a loader with len()") from None
-        limit = max(1, math.ceil(fraction * total))
+        limit = fraction_count(fraction, total) if total > 0 else 1
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
@@ -94,12 +96,12 @@ def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
     try:
         model.train()
         for batch in loader:
-            if limit is not None and used >= limit:
-                break
             run(model, _to_device(batch, device))
             used += 1
             if bar is not None:
                 bar.update(1)
+            if limit is not None and used >= limit:
+                break  # before drawing another batch: a DataLoader would load it for nothing
         if used == 0:
             raise ValueError("update_bn: the loader yielded no batches")
         ok = True
