@@ -8,7 +8,7 @@ PY=${PYTHON:-python}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install "${WAVG_EXT_TORCH:-torch==2.13.0}"
 fi
-"$PY" -m pip install pybind11 ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib
+"$PY" -m pip install pybind11 ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn
 "$PY" -m pip install --no-build-isolation .
 # The same build, placed in the checkout too (it reuses the objects pip just compiled
 # in ./build), so `python -m wavg_ext.bench` also works from the repository root,

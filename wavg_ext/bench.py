@@ -1,7 +1,10 @@
 """Benchmark of the fused wavg_ext ops against pure-PyTorch ways of doing the same update.
 
-Run ``python -m wavg_ext.bench [--quick] [--device cpu|cuda] [--json PATH] [--plot PATH]
-[--repeats N] [--cases SUBSTR[,SUBSTR...]]``.
+Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers] [--device cpu|cuda]
+[--json PATH] [--plot PATH] [--repeats N] [--cases SUBSTR[,SUBSTR...]]``.
+
+Two suites: ``ops`` (below) and ``wrappers`` (the optimizer wrappers' per-step overhead,
+:mod:`wavg_ext.bench_wrappers`).
 
 Cases are (op, shape set, dtype config). Every method of a case runs on the same data:
 the fused op, the pure-PyTorch baselines (``torch._foreach_*`` forms, a per-tensor Python
@@ -491,8 +494,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     p.add_argument("--repeats", type=int, metavar="N", help="timed calls per method (default 20, 5 with --quick; "
                                                              "fast calls get up to 25x more)")
-    p.add_argument("--cases", metavar="SUBSTR", help="only cases whose id (op-shapes-dtype) contains one of "
-                                                      "these comma-separated substrings")
+    p.add_argument("--cases", metavar="SUBSTR", help="only cases whose id (op-shapes-dtype, or "
+                   "step-method-shapes-dtype) contains one of these comma-separated substrings")
+    p.add_argument("--suite", choices=["all", "ops", "wrappers"], default="all",
+                   help="the fused ops, the optimizer wrappers' per-step overhead, or both (default)")
     args = p.parse_args(argv)
 
     cuda_ok = torch.cuda.is_available() and build_info()["cuda"]
@@ -506,12 +511,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.error("--plot needs matplotlib: pip install matplotlib")
     repeats = args.repeats or (5 if args.quick else 20)
     min_time = 0.05 if args.quick else 0.25
-    cases = all_cases()
+    from . import bench_wrappers
+
+    cases = all_cases() if args.suite in ("all", "ops") else []
+    wcases = bench_wrappers.all_cases(args.quick) if args.suite in ("all", "wrappers") else []
     if args.cases:
         subs = args.cases.split(",")
         cases = [c for c in cases if any(s in c.id for s in subs)]
-        if not cases:
-            p.error(f"--cases {args.cases!r} matches none of: {', '.join(c.id for c in all_cases())}")
+        wcases = [c for c in wcases if any(s in c.id for s in subs)]
+        if not cases and not wcases:
+            names = [c.id for c in all_cases()] + [c.id for c in bench_wrappers.all_cases()]
+            p.error(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
 
     env = environment(device)
     info = ", ".join(f"{k}={v}" for k, v in env["build_info"].items())
@@ -533,19 +543,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rows = run_case(case, device, repeats, min_time, args.quick)
         results.append((case, rows))
         print(format_case(case, rows) + "\n", flush=True)
-    print(format_summary(results))
+    if results:
+        print(format_summary(results))
+    wrows = []
+    if wcases:
+        rounds = args.repeats or (10 if args.quick else 30)
+        print(f"\nOptimizer wrappers: per-step time with and without averaging, median of {rounds} interleaved "
+              "rounds;\noverhead = step - sgd step; x floor = overhead / (bytes the averaging moves at the "
+              "in-place triad bandwidth).", flush=True)
+        for wcase in wcases:
+            rows = bench_wrappers.run_case(wcase, device, rounds, args.quick)
+            wrows += rows
+            print("\n" + bench_wrappers.format_case(wcase, rows), flush=True)
     elapsed = time.perf_counter() - t_start
     load = os.getloadavg()[0]
-    print(f"\n{len(cases)} cases in {elapsed:.1f} s; load average now {load:.2f}")
+    print(f"\n{len(cases) + len(wcases)} cases in {elapsed:.1f} s; load average now {load:.2f}")
     if load > 0.5 * env["num_threads"] + 1:  # this run itself adds about 1
         print("WARNING: other processes competed for the cores during the run; the timings are noisy.")
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, args=vars(args), repeats=repeats, elapsed_s=elapsed,
-                           rows=[r for _, rows in results for r in rows]), f, indent=1)
+                           rows=[r for _, rows in results for r in rows], wrapper_rows=wrows), f, indent=1)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and results:
         plot(results, env, args.plot)
         print(f"wrote {args.plot}")
 
