@@ -1,0 +1,603 @@
+"""Weight averaging on a real (small) task: SGD vs SWA, EMA, PSWA, PWALKS, PSWM and periodic SWA.
+
+Run ``python -m wavg_ext.demo [--epochs N] [--seed S] [--methods sgd,swa,...] [--batch-size B]
+[--threads T] [--plot PATH] [--json PATH] [--no-progress]``.
+
+A small CNN with BatchNorm is trained on scikit-learn's embedded 8x8 digits (1797 images,
+no download) once per method, each time from the same initialization, on the same
+mini-batch order, with the same backbone LR schedule and epoch budget: only the
+averaging differs. After every epoch the test accuracy of the model each method yields
+is measured (SGD: the model; SWA and EMA: their averaged weights; the periodic methods:
+the model, which holds the assigned average after each period end). The table gives the
+final and best accuracy, the PSWA paper's stability measures (std over the last epochs,
+share of epochs that improve on the previous one) and the training time, which excludes
+evaluation but includes the BatchNorm recalibrations a method needs, and the measured
+cost of the averaging itself per step.
+
+What to expect: digits is easy, so every method ends within a few test images of the
+others, and such differences change with ``--seed``; the curves differ in the early,
+high-LR epochs. The model has ~10k parameters, so an averaging step costs microseconds:
+the time overhead vs SGD is timing noise plus the BN recalibration forward passes
+(``python -m wavg_ext.bench`` measures the fused ops on large models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import EMA, PSWA, PSWM, PWALKS, SWA, PeriodicSWA, WeightAveraging, build_info, update_bn
+
+__all__ = ["METHODS", "Settings", "MethodResult", "DemoResult", "MethodTrainer", "run", "format_table", "main"]
+
+# CLI name -> display name, in table order.
+METHODS: Dict[str, str] = {"sgd": "SGD", "swa": "SWA", "ema": "EMA", "pswa": "PSWA", "pwalks": "PWALKS",
+                           "pswm": "PSWM", "periodic_swa": "PeriodicSWA"}
+SCHEDULES = ("cosine", "step")
+DIGITS = 1797  # images in sklearn's digits
+DEFAULT_EPOCHS = 40
+
+Data = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the results of a run (with the thread count); validated on construction."""
+
+    epochs: int = DEFAULT_EPOCHS
+    seed: int = 0  # split, initialization and batch order
+    batch_size: int = 32
+    test_size: int = 450  # stratified
+    lr: float = 0.1
+    schedule: str = "cosine"  # per iteration: "cosine" to lr·lr_min_ratio, or "step" (x0.1 at 50% and 75%)
+    lr_min_ratio: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    swa_start: float = 0.55  # SWA: first sample at the end of this fraction of the epochs, then one per epoch
+    ema_decay: float = 0.99  # per step: a ~100-step horizon, 2-3 epochs here
+    pswa_alpha: float = 0.5  # PSWA: share alpha of each epoch's batches averaged, spread evenly
+    pwalks_k: float = 0.1  # PWALKS: only the last k of each epoch's batches averaged
+    pswm_m: float = 0.7  # PSWM: avg <- (1 - m)·avg + m·w; the paper finds (0.5, 0.9) good
+    periodic_start: float = 0.25  # periodic SWA: the first procedure starts after about this fraction
+    periodic_periods: int = 3  # SWA procedures (2: DSWA, 3: TSWA)
+    bn_fraction: float = 0.2  # beta: share of the training batches used by each BN recalibration
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "test_size", "periodic_periods", "seed"):
+            value = getattr(self, name)
+            low = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not 10 <= self.test_size <= DIGITS - 100:  # a stratified split needs >= 1 image per class
+            raise ValueError(f"test_size must be in [10, {DIGITS - 100}], got {self.test_size}")
+        if self.batch_size > DIGITS - self.test_size:
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {DIGITS - self.test_size} training images")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        ranges = {"lr": (0, math.inf, False), "lr_min_ratio": (0, 1, True), "momentum": (0, 1, False),
+                  "weight_decay": (0, 1, False), "swa_start": (0, 1, True), "ema_decay": (0, 1, False),
+                  "pswa_alpha": (0, 1, True), "pwalks_k": (0, 1, True), "pswm_m": (0, 1, True),
+                  "periodic_start": (0, 1, False), "bn_fraction": (0, 1, True)}
+        for name, (low, high, high_ok) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            strict_low = name in ("lr", "pswa_alpha", "pwalks_k", "pswm_m", "bn_fraction")
+            if value < low or (strict_low and value == low) or value > high or (value == high and not high_ok):
+                bounds = f"{'(' if strict_low else '['}{low}, {high}{']' if high_ok else ')'}"
+                raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+    @property
+    def train_size(self) -> int:
+        return DIGITS - self.test_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.batch_size  # the last partial batch is dropped (see Batches)
+
+    @property
+    def swa_start_epoch(self) -> int:
+        # At least epoch 1 (never average the random init), at most the last epoch.
+        return min(self.epochs, max(1, round(self.swa_start * self.epochs)))
+
+    @property
+    def periodic_plan(self) -> Tuple[int, int, int]:
+        """(start epoch, epochs per period, periods) of periodic SWA.
+
+        Guo et al. start the first SWA procedure early in training (after epoch 40, with 20-epoch
+        periods, on CIFAR) and take one sample per epoch under the backbone's own schedule.
+        Scaled to this budget: ``periodic_periods`` equal periods after about ``periodic_start``
+        of the epochs, placed so that the last one ends with the budget (its average is the
+        final model) and, budget permitting, none starts at the random init.
+        """
+        period = max(1, round((1 - self.periodic_start) * self.epochs / self.periodic_periods))
+        periods = max(1, min(self.periodic_periods, (self.epochs - 1) // period))
+        return max(0, self.epochs - periods * period), period, periods
+
+
+@dataclass
+class MethodResult:
+    """Per-epoch results of one method; accuracies are fractions in [0, 1], times in seconds."""
+
+    method: str
+    accuracy: List[float] = field(default_factory=list)
+    train_seconds: List[float] = field(default_factory=list)  # training steps + the BN recalibration it needs
+    bn_seconds: List[float] = field(default_factory=list)  # the part of train_seconds spent in BN recalibration
+    averaging_seconds: List[float] = field(default_factory=list)  # wrapper step() minus base step() minus BN
+    monitor_bn_seconds: List[float] = field(default_factory=list)  # BN recalibration only to evaluate (not counted)
+    evaluated: List[str] = field(default_factory=list)  # what was evaluated after each epoch
+    steps: int = 0
+
+    @property
+    def final(self) -> float:
+        return self.accuracy[-1]
+
+    @property
+    def best(self) -> float:
+        return max(self.accuracy)
+
+    def std_last(self, k: int) -> float:
+        tail = self.accuracy[-k:]
+        return statistics.pstdev(tail) if len(tail) > 1 else 0.0
+
+    def _share(self, keep: Callable[[float, float], bool]) -> Optional[float]:
+        pairs = list(zip(self.accuracy, self.accuracy[1:]))
+        return sum(keep(a, b) for a, b in pairs) / len(pairs) if pairs else None
+
+    @property
+    def improved_share(self) -> Optional[float]:
+        """Share of epochs (from the second) whose accuracy beats the previous epoch's."""
+        return self._share(lambda a, b: b > a)
+
+    @property
+    def no_drop_share(self) -> Optional[float]:
+        """Share of epochs (from the second) whose accuracy is not below the previous epoch's."""
+        return self._share(lambda a, b: b >= a)
+
+    @property
+    def train_time(self) -> float:
+        return sum(self.train_seconds)
+
+    @property
+    def averaging_us_per_step(self) -> float:
+        return 1e6 * sum(self.averaging_seconds) / max(1, self.steps)
+
+
+@dataclass
+class DemoResult:
+    settings: Settings
+    environment: Dict[str, Any]
+    methods: Dict[str, MethodResult]  # keyed by CLI name, in run order
+    wall_seconds: float
+    model_parameters: int
+
+    @property
+    def last_k(self) -> int:
+        """Epochs of the std column: a quarter of the budget, at least 2 (1 for a 1-epoch run)."""
+        return min(self.settings.epochs, max(2, self.settings.epochs // 4))
+
+    def overhead(self, name: str) -> Optional[float]:
+        """Training time relative to SGD's, minus 1 (None without an SGD run)."""
+        sgd = self.methods.get("sgd")
+        return self.methods[name].train_time / sgd.train_time - 1 if sgd else None
+
+    def table(self) -> str:
+        return format_table(self)
+
+    def to_dict(self) -> Dict[str, Any]:
+        k = self.last_k
+        methods = {name: {**asdict(r), "final": r.final, "best": r.best, "std_last_k": r.std_last(k),
+                          "improved_share": r.improved_share, "no_drop_share": r.no_drop_share,
+                          "train_time": r.train_time, "overhead_vs_sgd": self.overhead(name),
+                          "averaging_us_per_step": r.averaging_us_per_step}
+                   for name, r in self.methods.items()}
+        return {"settings": asdict(self.settings), "environment": self.environment, "last_k": k,
+                "wall_seconds": self.wall_seconds, "model_parameters": self.model_parameters, "methods": methods}
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def load_data(test_size: int, seed: int) -> Data:
+    """(x_train, y_train, x_test, y_test): [N, 1, 8, 8] float32 in [0, 1], int64 labels; stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images / 16.0).float().unsqueeze(1)  # pixel values are 0..16
+    y = torch.from_numpy(digits.target).long()
+    train, test = train_test_split(list(range(len(y))), test_size=test_size, stratify=digits.target,
+                                   random_state=seed)
+    return x[train], y[train], x[test], y[test]
+
+
+class Batches:
+    """Shuffled (inputs, targets) mini-batches with len(). Every pass draws a new permutation
+    from the instance's own seeded generator: two instances with one seed give one order."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch_size  # drop the partial batch: a tiny batch gives noisy BN statistics
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(len(self.y), generator=self.generator)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def make_model() -> nn.Sequential:
+    """~10k parameters: two 3x3 conv + BN + ReLU blocks, a 2x2 max-pool, a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of correctly classified images, in eval mode (the model's mode is restored)."""
+    training = model.training
+    model.eval()
+    try:
+        return int((model(x).argmax(1) == y).sum()) / len(y)
+    finally:
+        model.train(training)
+
+
+def lr_factor(s: Settings, i: int, total: int) -> float:
+    """Multiplier of the base LR for iteration i of ``total`` (the backbone schedule, same for all methods)."""
+    if s.schedule == "cosine":
+        return s.lr_min_ratio + (1 - s.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+    return 0.1 ** ((i >= total // 2) + (i >= 3 * total // 4))
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def parse_methods(methods: Union[None, str, Sequence[str]]) -> List[str]:
+    """CLI names in the given order without repeats (None: all); ValueError names an unknown one."""
+    if methods is None:
+        return list(METHODS)
+    items = methods.split(",") if isinstance(methods, str) else list(methods)
+    names: List[str] = []
+    for item in items:
+        name = item.strip().lower().replace("-", "_") if isinstance(item, str) else None
+        if name not in METHODS:
+            raise ValueError(f"unknown method {item!r}; choose from {', '.join(METHODS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no method given; choose from {', '.join(METHODS)}")
+    return names
+
+
+def make_optimizer(name: str, sgd: torch.optim.SGD, model: nn.Module, s: Settings,
+                   recalibrate: Callable[[], Any]) -> Optional[WeightAveraging]:
+    """The averaging wrapper of method ``name`` around ``sgd`` (None for plain SGD)."""
+    steps = s.steps_per_epoch
+    if name == "sgd":
+        return None
+    if name == "swa":
+        # One sample per epoch end from swa_start on. module= makes averaged() restore the BN
+        # buffers that update_bn recomputes for the average, so training continues untouched.
+        return SWA(sgd, start=s.swa_start_epoch * steps, every=steps, module=model)
+    if name == "ema":
+        # average_buffers: the BN running statistics are averaged too, so the EMA model needs no
+        # update_bn. No warm-up: the first sample is copied, and starting after epoch 1 keeps the
+        # random init and its untrained BN statistics from dominating the early average.
+        return EMA(sgd, decay=s.ema_decay, start=steps, module=model, average_buffers=True)
+    if name == "pswa":
+        return PSWA(sgd, steps, sample_fraction=s.pswa_alpha, on_assign=recalibrate)
+    if name == "pwalks":
+        return PWALKS(sgd, steps, last_fraction=s.pwalks_k, on_assign=recalibrate)
+    if name == "pswm":
+        return PSWM(sgd, steps, momentum=s.pswm_m, on_assign=recalibrate)
+    if name == "periodic_swa":
+        # Each procedure starts from the previous one's average (its first sample), adds one sample
+        # per epoch end (every=steps) and puts its average into the model at its end.
+        start, period, periods = s.periodic_plan
+        return PeriodicSWA(sgd, period=period * steps, start=start * steps, every=steps, periods=periods,
+                           on_assign=recalibrate)
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+
+class MethodTrainer:
+    """One method's model, optimizer and data order; ``epoch()`` trains one epoch and evaluates.
+
+    ``run`` advances all methods' trainers in lockstep, one epoch each in turn, so that
+    changes in the machine's load over the run affect every method's timings alike.
+    """
+
+    def __init__(self, name: str, s: Settings, data: Data, init: Dict[str, torch.Tensor]) -> None:
+        self.name, self.settings = name, s
+        x_train, y_train, self.x_test, self.y_test = data
+        self.model = make_model()
+        self.model.load_state_dict(init)
+        self.model.train()
+        self.train_batches = Batches(x_train, y_train, s.batch_size, seed=s.seed)
+        # Its own generator: BN recalibration must not change the training data order.
+        self.bn_batches = Batches(x_train, y_train, s.batch_size, seed=s.seed + 1)
+        self.sgd = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        # Timing harness: the base step() is timed at its outermost call (a wrapper calls it as
+        # self.optimizer.step()), so a wrapper's step() minus it minus BN is the averaging itself.
+        self.base_seconds = 0.0
+        self.bn_seconds = 0.0  # in the periodic methods' on_assign recalibrations
+        base_step = self.sgd.step
+
+        def timed_step(closure: Optional[Callable[[], Any]] = None) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return base_step(closure)
+            finally:
+                self.base_seconds += time.perf_counter() - t0
+
+        self.sgd.step = timed_step  # type: ignore[method-assign]
+        self.iteration = 0
+        self.opt = make_optimizer(name, self.sgd, self.model, s, self._recalibrate)
+        self.step_opt = self.opt if self.opt is not None else self.sgd
+        self.result = MethodResult(METHODS[name], steps=s.epochs * s.steps_per_epoch)
+
+    def _recalibrate(self) -> None:
+        t0 = time.perf_counter()
+        update_bn(self.bn_batches, self.model, fraction=self.settings.bn_fraction)
+        self.bn_seconds += time.perf_counter() - t0
+
+    def epoch(self) -> float:
+        """Trains one epoch, evaluates the model the method yields, records both; returns the accuracy."""
+        opt, model, r = self.opt, self.model, self.result
+        base0, bn0, step_s = self.base_seconds, self.bn_seconds, 0.0
+        total = self.result.steps
+        periods0 = opt.period_index if opt is not None else 0
+        t_epoch = time.perf_counter()
+        for xb, yb in self.train_batches:
+            for group in self.sgd.param_groups:  # the backbone schedule, per iteration
+                group["lr"] = self.settings.lr * lr_factor(self.settings, self.iteration, total)
+            self.step_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            t0 = time.perf_counter()
+            self.step_opt.step()  # periodic methods assign the average and recalibrate BN in a period's last step
+            step_s += time.perf_counter() - t0
+            self.iteration += 1
+        train_s = time.perf_counter() - t_epoch
+        bn_s = self.bn_seconds - bn0
+        averaging_s = step_s - (self.base_seconds - base0) - bn_s
+
+        monitor_s = 0.0
+        if isinstance(opt, SWA) and opt.num_averaged > 0:
+            with opt.averaged():
+                t0 = time.perf_counter()
+                update_bn(self.bn_batches, model)  # SWA recomputes BN on all the training data
+                monitor_s = time.perf_counter() - t0
+                acc, what = accuracy(model, self.x_test, self.y_test), f"SWA average of {opt.num_averaged}"
+        elif isinstance(opt, EMA) and opt.num_averaged > 0:
+            with opt.averaged():
+                acc, what = accuracy(model, self.x_test, self.y_test), "EMA weights"
+        else:
+            assigned = opt is not None and opt.period_index > periods0
+            acc, what = accuracy(model, self.x_test, self.y_test), "model (average assigned)" if assigned else "model"
+        last_epoch = len(r.accuracy) + 1 == self.settings.epochs
+        if isinstance(opt, SWA) and last_epoch and opt.num_averaged > 0:
+            # Using SWA takes one BN recalibration after training: part of its cost. The earlier
+            # ones only drew its curve and stay out of the training time.
+            train_s, bn_s, monitor_s = train_s + monitor_s, bn_s + monitor_s, 0.0
+        r.accuracy.append(acc)
+        r.train_seconds.append(train_s)
+        r.bn_seconds.append(bn_s)
+        r.averaging_seconds.append(averaging_s)
+        r.monitor_bn_seconds.append(monitor_s)
+        r.evaluated.append(what)
+        return acc
+
+
+def environment() -> Dict[str, Any]:
+    info = build_info()
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "wavg_ext": info["version"], "cpu_capability": info["cpu_capability"], "openmp": info["openmp"],
+            "machine": platform.machine()}
+
+
+def run(epochs: int = DEFAULT_EPOCHS, methods: Union[None, str, Sequence[str]] = None, seed: int = 0,
+        progress: bool = False, batch_size: int = 32, threads: Optional[int] = 1,
+        **overrides: Any) -> DemoResult:
+    """Trains every method in ``methods`` (None: all of METHODS) and returns their per-epoch results.
+
+    ``overrides`` are further :class:`Settings` fields (lr, schedule, ema_decay, bn_fraction, ...).
+    ``threads``: torch intra-op threads for the run (restored afterwards; None: leave as is).
+    The default is 1: a ~10k-parameter CNN gains little from a second thread, and on a
+    shared machine OpenMP threads spin-waiting for a preempted peer made epochs ~100x slower.
+    Results are deterministic for a given seed and thread count.
+    """
+    names = parse_methods(methods)
+    settings = Settings(epochs=epochs, seed=seed, batch_size=batch_size, **overrides)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    previous_threads = torch.get_num_threads()
+    started = time.perf_counter()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        data = load_data(settings.test_size, settings.seed)
+        with torch.random.fork_rng():  # the caller's global RNG is left as it was
+            torch.manual_seed(settings.seed)
+            model = make_model()
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+        trainers = [MethodTrainer(name, settings, data, init) for name in names]
+        bars = []
+        if progress:
+            from tqdm.auto import tqdm
+            bars = [tqdm(total=settings.epochs, desc=f"{METHODS[name]:<11}", unit="epoch", position=i,
+                         file=sys.stderr) for i, name in enumerate(names)]
+        try:
+            for _ in range(settings.epochs):
+                for i, trainer in enumerate(trainers):
+                    acc = trainer.epoch()
+                    if bars:
+                        bars[i].set_postfix(acc=f"{acc:.2%}", refresh=False)
+                        bars[i].update(1)
+        finally:
+            for bar in bars:
+                bar.close()
+        results = {t.name: t.result for t in trainers}
+        env = environment()
+    finally:
+        torch.set_num_threads(previous_threads)
+    n_params = sum(p.numel() for p in model.parameters())
+    return DemoResult(settings, env, results, time.perf_counter() - started, n_params)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _pct(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def format_table(result: DemoResult) -> str:
+    """One row per method: accuracy, stability, training time and averaging cost."""
+    k = result.last_k
+    columns = [("method", 11), ("final", 7), ("best", 7), (f"std last {k}", 11), ("improved", 8), ("no drop", 7),
+               ("train s", 7), ("vs SGD", 7), ("BN s", 5), ("avg us/step", 11)]
+    header = " ".join(f"{title:<{w}}" if i == 0 else f"{title:>{w}}" for i, (title, w) in enumerate(columns))
+    lines = [header, "-" * len(header)]
+    for name, r in result.methods.items():
+        overhead = result.overhead(name)
+        cells = [r.method, _pct(r.final), _pct(r.best), _pct(r.std_last(k)), _pct(r.improved_share, 0),
+                 _pct(r.no_drop_share, 0), f"{r.train_time:.2f}",
+                 "base" if name == "sgd" else "n/a" if overhead is None else f"{100 * overhead:+.1f}%",
+                 f"{sum(r.bn_seconds):.2f}", f"{r.averaging_us_per_step:.1f}"]
+        lines.append(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                              for i, (c, (_, w)) in enumerate(zip(cells, columns))))
+    return "\n".join(lines)
+
+
+def describe(result: DemoResult) -> str:
+    """The environment and settings of a run, as printed above the table."""
+    s, env = result.settings, result.environment
+    start, period, periods = s.periodic_plan
+    schedule = (f"cosine per step to {s.lr * s.lr_min_ratio:g}" if s.schedule == "cosine"
+                else "x0.1 at 50% and 75% of the steps")
+    return "\n".join([
+        f"environment: torch {env['torch']}, {env['threads']} thread(s), wavg_ext {env['wavg_ext']} "
+        f"(cpu_capability {env['cpu_capability']}, openmp {env['openmp']}), python {env['python']} {env['machine']}",
+        f"data: sklearn digits, {s.train_size} train / {s.test_size} test images (stratified, seed {s.seed}); "
+        f"one test image = {1 / s.test_size:.2%}",
+        f"backbone (all methods): SGD lr {s.lr:g} momentum {s.momentum:g} weight decay {s.weight_decay:g}, "
+        f"{schedule}; {s.epochs} epochs x {s.steps_per_epoch} steps of {s.batch_size} images",
+        f"SWA: a sample at each epoch end from the end of epoch {s.swa_start_epoch}, BN recomputed on all "
+        f"training data | EMA: decay {s.ema_decay:g} per step from the end of epoch 1, BN buffers averaged",
+        f"PSWA alpha {s.pswa_alpha:g} | PWALKS k {s.pwalks_k:g} | PSWM m {s.pswm_m:g} | PeriodicSWA: {periods} "
+        f"procedure(s) of {period} epochs from the end of epoch {start}, a sample per epoch",
+        f"periodic methods (PSWA, PWALKS, PSWM, PeriodicSWA): BN recalibrated on beta = {s.bn_fraction:g} of the "
+        f"training batches after each assignment of the average",
+    ])
+
+
+NOTES = """\
+final/best: test accuracy of the model each method yields; std last K: std of the last K epochs'
+accuracy; improved / no drop: share of epochs whose accuracy is above / not below the previous epoch's
+(the PSWA paper's stability measures). Differences of a few test images change with --seed.
+train s: training steps only, no evaluation, but with the BN recalibrations a method needs (periodic
+methods: after every assignment; SWA: once at the end), shown in BN s. vs SGD: training time over
+SGD's. avg us/step: the wrapper's own time per step (its step() minus the base SGD step() minus
+BN recalibration), i.e. the averaging itself; for SGD, the timing harness's floor."""
+
+
+def cost_note(result: DemoResult) -> str:
+    """What the measured times say about the cost of averaging on this model (from this run's numbers)."""
+    ref = result.methods.get("sgd") or next(iter(result.methods.values()))
+    step_ms = 1e3 * ref.train_time / ref.steps
+    averaging = [r.averaging_us_per_step for name, r in result.methods.items() if name != "sgd"]
+    if not averaging:
+        return f"{ref.method}: {step_ms:.2f} ms per training step."
+    share = max(averaging) / (1e3 * step_ms)
+    return (f"This model has {result.model_parameters} parameters: the averaging takes "
+            f"{min(averaging):.1f}-{max(averaging):.1f} us per step, at most {share:.1%} of the {step_ms:.2f} ms\n"
+            f"per {ref.method} training step; the rest of 'vs SGD' is timing noise plus the BN recalibration "
+            f"forward passes (BN s).")
+
+
+def plot(result: DemoResult, path: str) -> None:
+    """Writes a PNG of every method's test-accuracy curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = result.settings.epochs
+    first_zoomed = epochs // 2  # the right panel: the second half, where the curves differ by a few images
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, first in zip(axes, (0, first_zoomed)):
+        for r in result.methods.values():
+            ax.plot(range(first + 1, epochs + 1), [100 * a for a in r.accuracy[first:]], label=r.method,
+                    marker=".", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("all epochs")
+    axes[1].set_title(f"epochs {first_zoomed + 1}-{epochs}")
+    axes[0].legend()
+    fig.suptitle(f"sklearn digits, small CNN with BatchNorm, {result.settings.test_size} test images, "
+                 f"seed {result.settings.seed}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
+    parser = argparse.ArgumentParser(prog="python -m wavg_ext.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epoch budget of every method")
+    parser.add_argument("--seed", type=int, default=0, help="train/test split, initialization and batch order")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per training step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: the ~10k-parameter model gains little from more, "
+                             "and OpenMP threads stall when another process takes a core)")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of the test-accuracy curves")
+    parser.add_argument("--json", metavar="PATH", help="write all per-epoch results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:  # bad values are usage errors, reported before any training
+        methods = parse_methods(args.methods)
+        Settings(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
+        if args.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {args.threads}")
+    except ValueError as err:
+        parser.error(str(err))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail now, not after training)
+        except ImportError:
+            parser.error("--plot needs matplotlib (pip install matplotlib)")
+    result = run(epochs=args.epochs, methods=methods, seed=args.seed, progress=not args.no_progress,
+                 batch_size=args.batch_size, threads=args.threads)
+    print(describe(result), "", result.table(), "", NOTES, cost_note(result), sep="\n")
+    print(f"\ndemo wall time: {result.wall_seconds:.1f} s (data loading, training, evaluation)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
