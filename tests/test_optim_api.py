@@ -141,6 +141,33 @@ def test_torch_compiled_model(h):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["SWA", "PSWA"])
+def test_torch_compiled_optimizer_step(h, method):
+    """torch.compile(opt.step): the base step is compiled, the averaging engine stays eager
+    (its counters would otherwise be guards, recompiling every step) and nothing is skipped."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    batches = h.batches(5)
+    eager, compiled = h.tiny_model(), h.tiny_model()
+    o1 = METHODS[method](sgd(eager))
+    o2 = METHODS[method](sgd(compiled))
+    step = torch.compile(o2.step)
+    counts1, counts2 = [], []
+    for i in range(23):
+        for model, opt, run, counts in ((eager, o1, o1.step, counts1), (compiled, o2, step, counts2)):
+            x, y = batches[i % 5]
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            run()
+            counts.append(opt.num_averaged)
+    assert counts1 == counts2 and max(counts2) > 0
+    for a, b in zip(o1.averaged_parameters() + list(eager.parameters()),
+                    o2.averaged_parameters() + list(compiled.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- swap / averaged / copy_to / reset
 
 

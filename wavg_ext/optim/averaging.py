@@ -332,7 +332,20 @@ class WeightAveraging(Optimizer):
         self._build_tensors()
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One base optimizer step, then the averaging events of the new position."""
+        """One base optimizer step, then the averaging events of the new position.
+
+        Under ``torch.compile`` (e.g. ``torch.compile(opt.step)``) only the base step is
+        traced; the averaging engine runs eagerly around it (see ``_before_base_step``).
+        """
+        self._before_base_step()
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._after_base_step()
+        return loss
+
+    # The engine's host-side counters change every step: traced by dynamo they would
+    # become guards and force a recompilation per step, so the engine stays eager.
+    @torch.compiler.disable
+    def _before_base_step(self) -> None:
         if self._stash is not None:
             raise RuntimeError("the model holds the averaged weights (swap() or averaged() is active); "
                                "call swap() again before training")
@@ -341,10 +354,11 @@ class WeightAveraging(Optimizer):
                                "groups through the wrapper's add_param_group")
         if self._processed < self._step:  # position 0: the weights before the first step
             self._run_position(self._step)
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+
+    @torch.compiler.disable
+    def _after_base_step(self) -> None:
         self._step += 1
         self._run_position(self._step)
-        return loss
 
     # ----------------------------------------------------------------- sampling engine
 
