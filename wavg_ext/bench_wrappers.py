@@ -33,6 +33,7 @@ from . import bench, ops
 from .optim import EMA, SWA
 
 EMA_DECAY = 0.999
+Averages = Callable[[], List[torch.Tensor]]  # returns the averages a method keeps
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,11 @@ class Setup:
         # A tiny LR keeps the weights (and so the work) the same over thousands of steps.
         self.base = torch.optim.SGD(self.params, lr=1e-6, momentum=0.9, foreach=True)
 
-    def methods(self, names: Sequence[str] = ()) -> Dict[str, Tuple[Callable[[], None], Callable[[], List[torch.Tensor]]]]:
+    def methods(self, names: Sequence[str] = ()) -> Dict[str, Tuple[Callable[[], None], Averages]]:
         """name -> (one step, the averages it keeps). Built in order; each keeps its own averages."""
         case, params, base = self.case, self.params, self.base
         ema = case.method == "EMA"
-        out: Dict[str, Tuple[Callable[[], None], Callable[[], List[torch.Tensor]]]] = {}
+        out: Dict[str, Tuple[Callable[[], None], Averages]] = {}
         want = set(names) or {"sgd", "wavg_ext", "averaged_model", "foreach_lerp", "loop", "wavg_ext_op_only"}
         if "sgd" in want:
             out["sgd"] = (base.step, lambda: [])
