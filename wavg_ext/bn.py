@@ -69,12 +69,11 @@ def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
     if device is not None:
         device = torch.device(device)
+    total = _len_or_none(loader)
     limit = None
     if fraction < 1.0:
-        try:
-            total = len(loader)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError("update_bn: fraction < 1 needs a loader with len()") from None
+        if total is None:
+            raise TypeError("update_bn: fraction < 1 needs a loader with len()")
         limit = fraction_count(fraction, total) if total > 0 else 1
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
@@ -90,7 +89,7 @@ def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=limit if limit is not None else _len_or_none(loader), desc="update_bn", leave=False)
+        bar = tqdm(total=limit if limit is not None else total, desc="update_bn", leave=False)
     used = 0
     ok = False
     try:

@@ -221,7 +221,8 @@ class WeightAveraging(Optimizer):
         self._num = 0  # samples in the current average
         self._period_index = 0  # completed periods
         self._finished = False  # all `periods` done
-        self._stash: Optional[List[torch.Tensor]] = None  # training weights while swapped
+        # Training weights while swapped: per device group, and the integer buffers.
+        self._stash: Optional[Tuple[List[List[torch.Tensor]], List[torch.Tensor]]] = None
 
     # ----------------------------------------------------------------- tensors
 
@@ -258,9 +259,7 @@ class WeightAveraging(Optimizer):
         for avgs, srcs in groups.values():
             # The ops' own validation (dtype pairs, layouts), now rather than at the first sample.
             _C.check_args("running_mean_", avgs, srcs, 0.0)
-        self._params = params
         self._num_params = len(params)
-        self._sources = sources
         self._averages = averages
         self._groups = list(groups.values())
         self._buffer_names = buffer_names
@@ -389,7 +388,7 @@ class WeightAveraging(Optimizer):
 
     def _period_end(self) -> None:
         if self.assign:
-            self._write_model(self._averages, self._int_averages)
+            self._write_model([avgs for avgs, _ in self._groups], self._int_averages)
             if self.reset_optimizer_state:
                 self.optimizer.state.clear()
             if self.on_assign is not None:
@@ -418,15 +417,12 @@ class WeightAveraging(Optimizer):
             torch._foreach_copy_(self._int_averages, self._int_buffers)
         self._num = n + 1
 
-    def _write_model(self, float_values: Sequence[torch.Tensor], int_values: Sequence[torch.Tensor]) -> None:
-        """Copies per-source values (aligned with self._sources) into the model's tensors."""
-        by_device: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
-        for dst, src in zip(self._sources, float_values):
-            g = by_device.setdefault(dst.device, ([], []))
-            g[0].append(dst)
-            g[1].append(src)
-        for dsts, srcs in by_device.values():
-            ops.scale_copy_(dsts, srcs, 1.0)
+    def _write_model(self, values_by_group: Sequence[Sequence[torch.Tensor]],
+                     int_values: Sequence[torch.Tensor]) -> None:
+        """Copies values into the model's tensors: one list per device group of self._groups,
+        aligned with its sources, and the integer buffers' values."""
+        for (_, srcs), values in zip(self._groups, values_by_group):
+            ops.scale_copy_(srcs, values, 1.0)
         if self._int_buffers:
             torch._foreach_copy_(self._int_buffers, list(int_values))
 
@@ -480,13 +476,13 @@ class WeightAveraging(Optimizer):
         """
         if self._stash is None:
             self._require_average("swap()")
-            stash = [s.detach().clone(memory_format=torch.preserve_format) for s in self._sources]
+            stash = [[s.clone(memory_format=torch.preserve_format) for s in srcs] for _, srcs in self._groups]
             int_stash = [b.clone() for b in self._int_buffers]
-            self._write_model(self._averages, self._int_averages)
-            self._stash = stash + int_stash
+            self._write_model([avgs for avgs, _ in self._groups], self._int_averages)
+            self._stash = (stash, int_stash)
         else:
-            stash, self._stash = self._stash, None
-            self._write_model(stash[: len(self._sources)], stash[len(self._sources):])
+            (stash, int_stash), self._stash = self._stash, None
+            self._write_model(stash, int_stash)
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
