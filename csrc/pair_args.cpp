@@ -27,22 +27,14 @@ const OpSpec& spec_by_name(const std::string& name) {
   TORCH_CHECK_VALUE(false, "wavg_ext: unknown op '", name, "'");
 }
 
-bool is_supported_dtype(c10::ScalarType t) {
-  using c10::ScalarType;
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16 ||
-         t == ScalarType::Double;
-}
-
 namespace {
 
 using c10::ScalarType;
 
-bool is_reduced(ScalarType t) { return t == ScalarType::Half || t == ScalarType::BFloat16; }
-
 bool pair_allowed(PairRule rule, ScalarType out, ScalarType in) {
   if (out == in) return true;
-  if (out == ScalarType::Float && is_reduced(in)) return true;
-  return rule == PairRule::kCast && is_reduced(out) && in == ScalarType::Float;
+  if (out == ScalarType::Float && is_reduced_dtype(in)) return true;
+  return rule == PairRule::kCast && is_reduced_dtype(out) && in == ScalarType::Float;
 }
 
 std::string pair_rule_text(PairRule rule) {
@@ -50,89 +42,6 @@ std::string pair_rule_text(PairRule rule) {
              ? "it must be float32 or the same dtype as its input"
              : "the two must have the same dtype, or one must be float32 and the other "
                "float16/bfloat16";
-}
-
-void check_tensor(const OpSpec& spec, const char* list, size_t i, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.defined(), spec.name, ": ", list, "[", i, "] is an undefined tensor");
-  TORCH_CHECK_TYPE(t.layout() == c10::kStrided, spec.name, ": ", list, "[", i,
-                   "] has layout ", t.layout(), "; only strided (dense) tensors are supported");
-  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), spec.name, ": ", list, "[", i,
-                   "] has dtype ", t.scalar_type(),
-                   "; supported dtypes are float32, float16, bfloat16 and float64");
-}
-
-// [first byte, one past the last byte) that a tensor's elements can touch.
-struct Span {
-  uintptr_t lo, hi;
-  bool is_out;
-  uint32_t index;
-};
-
-Span span_of(const at::Tensor& t, const void* data, bool dense, bool is_out, size_t index) {
-  int64_t extent = t.numel();  // elements spanned: numel for dense tensors
-  if (!dense) {
-    const auto sizes = t.sizes();
-    const auto strides = t.strides();
-    extent = 1;
-    for (size_t d = 0; d < sizes.size(); ++d) extent += (sizes[d] - 1) * strides[d];
-  }
-  auto base = reinterpret_cast<uintptr_t>(data);
-  return {base, base + static_cast<uintptr_t>(extent * t.element_size()), is_out,
-          static_cast<uint32_t>(index)};
-}
-
-[[noreturn]] void overlap_error(const OpSpec& spec, const Span& a, const Span& b) {
-  if (a.is_out && b.is_out) {
-    TORCH_CHECK_VALUE(false, spec.name, ": ", spec.out_name, "[", std::min(a.index, b.index),
-                      "] and ", spec.out_name, "[", std::max(a.index, b.index),
-                      "] share memory; every output must be a separate tensor");
-  }
-  const Span& in = a.is_out ? b : a;
-  const Span& out = a.is_out ? a : b;
-  TORCH_CHECK_VALUE(false, spec.name, ": ", spec.in_name, "[", in.index, "] shares memory with ",
-                    spec.out_name, "[", out.index, "]; an input may not overlap an output");
-}
-
-// No output may overlap another output or any input (inputs may overlap each
-// other). Sort the spans by start and sweep, tracking the furthest end seen: O(n)
-// once sorted. The sort order is cached per thread: a training loop passes the
-// same tensors every step, so the cached order is usually still sorted and the
-// check stays linear.
-void check_no_overlap(const OpSpec& spec, const std::vector<Span>& spans) {
-  thread_local std::vector<uint32_t> order;
-  auto sorted = [&] {
-    if (order.size() != spans.size()) return false;
-    for (size_t k = 1; k < order.size(); ++k) {
-      if (spans[order[k - 1]].lo > spans[order[k]].lo) return false;
-    }
-    return true;
-  };
-  if (!sorted()) {
-    order.resize(spans.size());
-    for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<uint32_t>(k);
-    std::sort(order.begin(), order.end(),
-              [&](uint32_t a, uint32_t b) { return spans[a].lo < spans[b].lo; });
-  }
-  const Span* furthest_any = nullptr;  // the span reaching furthest so far
-  const Span* furthest_out = nullptr;  // the output span reaching furthest so far
-  for (uint32_t k : order) {
-    const Span& s = spans[k];
-    if (s.is_out && furthest_any && s.lo < furthest_any->hi) overlap_error(spec, s, *furthest_any);
-    if (!s.is_out && furthest_out && s.lo < furthest_out->hi) overlap_error(spec, s, *furthest_out);
-    if (!furthest_any || s.hi > furthest_any->hi) furthest_any = &s;
-    if (s.is_out && (!furthest_out || s.hi > furthest_out->hi)) furthest_out = &s;
-  }
-}
-
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_contiguous() && b.is_contiguous()) return true;
-  const auto sizes = a.sizes();
-  const auto sa = a.strides();
-  const auto sb = b.strides();
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] > 1 && sa[d] != sb[d]) return false;
-  }
-  return true;
 }
 
 // Validates the lists. With a plan, it also records each non-empty pair that is
@@ -145,7 +54,7 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
   TORCH_CHECK_VALUE(outs.size() < (size_t{1} << 31), spec.name, ": too many tensors");
   std::vector<size_t> slow;
   if (outs.empty()) return slow;
-  check_tensor(spec, spec.out_name, 0, outs[0]);
+  check_tensor(spec.name, spec.out_name, 0, outs[0]);
   const c10::Device device = outs[0].device();
   if (plan) {
     plan->device = device;
@@ -158,8 +67,8 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
   for (size_t i = 0; i < outs.size(); ++i) {
     const at::Tensor& out = outs[i];
     const at::Tensor& in = ins[i];
-    check_tensor(spec, spec.out_name, i, out);
-    check_tensor(spec, spec.in_name, i, in);
+    check_tensor(spec.name, spec.out_name, i, out);
+    check_tensor(spec.name, spec.in_name, i, in);
     TORCH_CHECK_VALUE(out.device() == device, spec.name, ": ", spec.out_name, "[", i, "] is on ",
                       out.device(), " but ", spec.out_name, "[0] is on ", device,
                       "; all tensors of one call must be on one device");
@@ -182,8 +91,8 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
     const bool in_dense = in.is_non_overlapping_and_dense();
     void* out_data = out.data_ptr();  // mutable: un-shares copy-on-write storage
     const void* in_data = in.const_data_ptr();
-    spans.push_back(span_of(out, out_data, out_dense, true, i));
-    spans.push_back(span_of(in, in_data, in_dense, false, i));
+    spans.push_back(span_of(out, out_data, out_dense, true, i, spec.out_name));
+    spans.push_back(span_of(in, in_data, in_dense, false, i, spec.in_name));
     if (!plan) continue;
     if (out_dense && in_dense && same_layout(out, in)) {
       plan->pairs.push_back({out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type()});
@@ -191,7 +100,7 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
       slow.push_back(i);
     }
   }
-  if (with_memory) check_no_overlap(spec, spans);
+  if (with_memory) check_no_overlap(spec.name, spans);
   return slow;
 }
 

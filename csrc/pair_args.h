@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "tensor_checks.h"
+
 namespace wavg_ext {
 
 // Which (out dtype, in dtype) pairs an op accepts.
@@ -80,9 +82,6 @@ PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList i
                        double scalar, bool plan_layout = true);
 PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
                        const at::Tensor& scalar, bool plan_layout = true);
-
-// True for float32/float16/bfloat16/float64: the dtypes the kernels support.
-bool is_supported_dtype(c10::ScalarType t);
 
 // The two overloads every op registers (scalar as a float, or as a tensor), built
 // from the op's spec and a backend's runner: validate and plan, then run.

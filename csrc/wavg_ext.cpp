@@ -12,6 +12,8 @@
 #include <string>
 #include <thread>
 
+#include "basis_args.h"
+#include "cpu/rows_cpu.h"
 #include "pair_args.h"
 
 // Written by setup.py / CMakeLists.txt: WAVG_EXT_CPU_CAPABILITY,
@@ -32,6 +34,12 @@ constexpr const char* kSchemas[] = {
     "accumulate_.Tensor(Tensor(a!)[] sums, Tensor[] xs, Tensor alpha) -> ()",
     "scale_copy_(Tensor(a!)[] dsts, Tensor[] srcs, float scale=1.0) -> ()",
     "scale_copy_.Tensor(Tensor(a!)[] dsts, Tensor[] srcs, Tensor scale) -> ()",
+    // Basis ops (TWA): a basis is one [capacity, *param.shape] tensor per parameter.
+    "dots(Tensor[] basis, Tensor[] xs, int k) -> Tensor",
+    "combine_(Tensor(a!)[] outs, Tensor[] basis, Tensor coeffs, float alpha=1.0, "
+    "float beta=0.0) -> ()",
+    "project_(Tensor(a!)[] grads, Tensor[] basis, int k) -> ()",
+    "orthonormalize_(Tensor(a!)[] basis, int k, int passes=2) -> Tensor",
 };
 
 // Any other backend, and calls with no tensor at all (empty lists and a float
@@ -90,10 +98,10 @@ void autograd_kernel(at::TensorList outs, at::TensorList ins, Scalar scalar) {
 // that is the difference between the call overhead dominating or not.
 class BorrowedTensors {
  public:
-  BorrowedTensors(const OpSpec& spec, const char* name, pybind11::handle seq) {
+  BorrowedTensors(const char* op, const char* name, pybind11::handle seq) {
     PyObject* obj = seq.ptr();
     if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
-      throw pybind11::type_error(std::string(spec.name) + ": " + name +
+      throw pybind11::type_error(std::string(op) + ": " + name +
                                  " must be a list or tuple of tensors, got " +
                                  Py_TYPE(obj)->tp_name);
     }
@@ -103,7 +111,7 @@ class BorrowedTensors {
     // would let ~vector drop references it never took.
     for (Py_ssize_t i = 0; i < n; ++i) {
       if (!THPVariable_Check(items[i])) {
-        throw pybind11::type_error(std::string(spec.name) + ": " + name + "[" + std::to_string(i) +
+        throw pybind11::type_error(std::string(op) + ": " + name + "[" + std::to_string(i) +
                                    "] is a " + Py_TYPE(items[i])->tp_name + ", not a Tensor");
       }
     }
@@ -129,8 +137,8 @@ class BorrowedTensors {
 template <typename F>
 void with_python_args(const OpSpec& spec, pybind11::handle outs, pybind11::handle ins,
                       pybind11::handle scalar, const F& f) {
-  BorrowedTensors o(spec, spec.out_name, outs);
-  BorrowedTensors i(spec, spec.in_name, ins);
+  BorrowedTensors o(spec.name, spec.out_name, outs);
+  BorrowedTensors i(spec.name, spec.in_name, ins);
   if (THPVariable_Check(scalar.ptr())) {
     f(o.list(), i.list(), THPVariable_Unpack(scalar.ptr()));
     return;
@@ -156,6 +164,188 @@ void call_from_python(pybind11::handle outs, pybind11::handle ins, pybind11::han
       typed_op<kSpec, const at::Tensor&>().call(o, i, s);
     }
   });
+}
+
+// ---- basis ops: Meta, Autograd and fallback kernels, Python entries ----------------
+
+using DotsSig = at::Tensor(at::TensorList, at::TensorList, int64_t);
+using CombineSig = void(at::TensorList, at::TensorList, const at::Tensor&, double, double);
+using ProjectSig = void(at::TensorList, at::TensorList, int64_t);
+using OrthoSig = at::Tensor(at::TensorList, int64_t, int64_t);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> basis_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
+}
+const c10::TypedOperatorHandle<DotsSig>& dots_op() {
+  static const auto op = basis_op<DotsSig>("wavg_ext::dots");
+  return op;
+}
+const c10::TypedOperatorHandle<CombineSig>& combine_op() {
+  static const auto op = basis_op<CombineSig>("wavg_ext::combine_");
+  return op;
+}
+const c10::TypedOperatorHandle<ProjectSig>& project_op() {
+  static const auto op = basis_op<ProjectSig>("wavg_ext::project_");
+  return op;
+}
+const c10::TypedOperatorHandle<OrthoSig>& orthonormalize_op() {
+  static const auto op = basis_op<OrthoSig>("wavg_ext::orthonormalize_");
+  return op;
+}
+
+at::Tensor dots_meta(at::TensorList basis, at::TensorList xs, int64_t k) {
+  plan_dots(basis, xs, k, /*plan_layout=*/false);
+  return at::empty({k}, at::TensorOptions().dtype(at::kFloat).device(c10::kMeta));
+}
+void combine_meta(at::TensorList outs, at::TensorList basis, const at::Tensor& coeffs, double alpha,
+                  double beta) {
+  plan_combine(outs, basis, coeffs, alpha, beta, /*plan_layout=*/false);
+}
+void project_meta(at::TensorList grads, at::TensorList basis, int64_t k) {
+  plan_project(grads, basis, k, /*plan_layout=*/false);
+}
+at::Tensor orthonormalize_meta(at::TensorList basis, int64_t k, int64_t passes) {
+  check_orthonormalize(basis, k, passes);
+  return at::empty({}, at::TensorOptions().dtype(at::kFloat).device(c10::kMeta));
+}
+
+// No tensors at all (empty lists): validate and return the empty sums. Tensors on a
+// backend without kernels: refuse clearly (wavg_ext.ops routes them to the reference).
+[[noreturn]] void no_basis_kernel(const char* op, const at::Tensor& t) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": no wavg_ext kernel for tensors on ", t.device(),
+                              " in this build; call wavg_ext.ops.", op,
+                              " (it falls back to the reference implementation)");
+}
+at::Tensor dots_fallback(at::TensorList basis, at::TensorList xs, int64_t k) {
+  plan_dots(basis, xs, k, /*plan_layout=*/false);
+  if (!basis.empty()) no_basis_kernel("dots", basis[0]);
+  return at::zeros({k}, at::TensorOptions().dtype(at::kFloat));
+}
+void combine_fallback(at::TensorList outs, at::TensorList basis, const at::Tensor& coeffs,
+                      double alpha, double beta) {
+  plan_combine(outs, basis, coeffs, alpha, beta, /*plan_layout=*/false);
+  if (!basis.empty()) no_basis_kernel("combine_", basis[0]);
+}
+void project_fallback(at::TensorList grads, at::TensorList basis, int64_t k) {
+  plan_project(grads, basis, k, /*plan_layout=*/false);
+  if (!basis.empty()) no_basis_kernel("project_", basis[0]);
+}
+at::Tensor orthonormalize_fallback(at::TensorList basis, int64_t k, int64_t passes) {
+  check_orthonormalize(basis, k, passes);
+  if (!basis.empty()) no_basis_kernel("orthonormalize_", basis[0]);
+  return at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+}
+
+void bump_versions(at::TensorList ts) {
+  for (const at::Tensor& t : ts) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+void check_not_inference(const char* op, const char* list, at::TensorList ts) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK(!ts[i].defined() || !ts[i].is_inference(), op, ": ", list, "[", i,
+                "] is an inference tensor; update it inside torch.inference_mode()");
+  }
+}
+// Below autograd, like the pairwise ops: never recorded, version counters bumped.
+at::Tensor dots_autograd(at::TensorList basis, at::TensorList xs, int64_t k) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return dots_op().call(basis, xs, k);
+}
+void combine_autograd(at::TensorList outs, at::TensorList basis, const at::Tensor& coeffs,
+                      double alpha, double beta) {
+  check_not_inference("combine_", "outs", outs);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    combine_op().call(outs, basis, coeffs, alpha, beta);
+  }
+  bump_versions(outs);
+}
+void project_autograd(at::TensorList grads, at::TensorList basis, int64_t k) {
+  check_not_inference("project_", "grads", grads);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    project_op().call(grads, basis, k);
+  }
+  bump_versions(grads);
+}
+at::Tensor orthonormalize_autograd(at::TensorList basis, int64_t k, int64_t passes) {
+  check_not_inference("orthonormalize_", "basis", basis);
+  at::Tensor norm;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    norm = orthonormalize_op().call(basis, k, passes);
+  }
+  bump_versions(basis);
+  return norm;
+}
+
+// Python entries of the basis ops: the lists are borrowed (see BorrowedTensors).
+at::Tensor dots_from_python(pybind11::handle basis, pybind11::handle xs, int64_t k) {
+  BorrowedTensors b("dots", "basis", basis), x("dots", "xs", xs);
+  return dots_op().call(b.list(), x.list(), k);
+}
+void combine_from_python(pybind11::handle outs, pybind11::handle basis, const at::Tensor& coeffs,
+                         double alpha, double beta) {
+  BorrowedTensors o("combine_", "outs", outs), b("combine_", "basis", basis);
+  combine_op().call(o.list(), b.list(), coeffs, alpha, beta);
+}
+void project_from_python(pybind11::handle grads, pybind11::handle basis, int64_t k) {
+  BorrowedTensors g("project_", "grads", grads), b("project_", "basis", basis);
+  project_op().call(g.list(), b.list(), k);
+}
+at::Tensor orthonormalize_from_python(pybind11::handle basis, int64_t k, int64_t passes) {
+  BorrowedTensors b("orthonormalize_", "basis", basis);
+  return orthonormalize_op().call(b.list(), k, passes);
+}
+
+// The batch orthonormalization's two CPU building blocks (wavg_ext.ops.orthonormalize_many_):
+// the Gram block <rows a, rows y> and the row update y <- beta*y + m @ a, on rows of
+// one validated basis.
+void check_row_range(const char* op, const char* what, int64_t first, int64_t count,
+                     int64_t capacity) {
+  TORCH_CHECK_VALUE(first >= 0 && count >= 0 && first + count <= capacity, op, ": ", what,
+                    " rows [", first, ", ", first + count, ") are outside the basis (capacity ",
+                    capacity, ")");
+}
+at::TensorList cpu_basis(const char* op, const BorrowedTensors& b) {
+  const at::TensorList basis = b.list();
+  for (size_t i = 0; i < basis.size(); ++i) {
+    TORCH_CHECK_VALUE(basis[i].device().is_cpu(), op, ": basis[", i,
+                      "] is not on the CPU (this entry is the CPU kernel)");
+  }
+  return basis;
+}
+at::Tensor basis_gram(pybind11::handle basis_py, int64_t a_first, int64_t na, int64_t y_first,
+                      int64_t ny) {
+  const char* op = "basis_gram";
+  BorrowedTensors b(op, "basis", basis_py);
+  const at::TensorList basis = cpu_basis(op, b);
+  const int64_t capacity = check_basis(op, basis);
+  check_row_range(op, "a", a_first, na, capacity);
+  check_row_range(op, "y", y_first, ny, capacity);
+  const RowPlan plan = plan_basis_rows(basis, a_first, na, y_first, ny);
+  at::Tensor out = at::zeros({na, ny}, at::TensorOptions().dtype(at::kDouble));
+  cpu::rows_dot(plan, a_first == y_first && na == ny, out.data_ptr<double>());
+  return out;
+}
+void basis_mix_(pybind11::handle basis_py, int64_t y_first, int64_t ny, int64_t a_first,
+                int64_t na, const at::Tensor& m, double beta) {
+  const char* op = "basis_mix_";
+  BorrowedTensors b(op, "basis", basis_py);
+  const at::TensorList basis = cpu_basis(op, b);
+  const int64_t capacity = check_basis(op, basis);
+  check_row_range(op, "a", a_first, na, capacity);
+  check_row_range(op, "y", y_first, ny, capacity);
+  TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == ny && m.size(1) == na, op, ": m must have shape [",
+                    ny, ", ", na, "], got ", m.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(beta), op, ": beta must be finite, got ", beta);
+  const std::vector<double> coef = host_coefficients(m.reshape({-1}));
+  const RowPlan plan = plan_basis_rows(basis, a_first, na, y_first, ny);
+  const bool alias = y_first < a_first + na && a_first < y_first + ny;
+  cpu::rows_mix_(plan, coef.data(), beta, alias);
+  for (const at::Tensor& t : basis) t.unsafeGetTensorImpl()->bump_version();
 }
 
 // How many distinct threads at::parallel_for really uses (OpenMP can silently
@@ -197,11 +387,27 @@ TORCH_LIBRARY(wavg_ext, m) {
   WAVG_EXT_IMPL_OP("accumulate_", kAccumulateSpec, kernel);        \
   WAVG_EXT_IMPL_OP("scale_copy_", kScaleCopySpec, kernel)
 
-TORCH_LIBRARY_IMPL(wavg_ext, Meta, m) { WAVG_EXT_IMPL_ALL_OPS(validate_only); }
+// Registers the basis ops' kernels of one kind: dots_<kind>, combine_<kind>, ...
+#define WAVG_EXT_IMPL_BASIS_OPS(kind)                              \
+  m.impl("dots", &wavg_ext::dots_##kind);                          \
+  m.impl("combine_", &wavg_ext::combine_##kind);                   \
+  m.impl("project_", &wavg_ext::project_##kind);                   \
+  m.impl("orthonormalize_", &wavg_ext::orthonormalize_##kind)
 
-TORCH_LIBRARY_IMPL(wavg_ext, CompositeExplicitAutograd, m) { WAVG_EXT_IMPL_ALL_OPS(no_kernel); }
+TORCH_LIBRARY_IMPL(wavg_ext, Meta, m) {
+  WAVG_EXT_IMPL_ALL_OPS(validate_only);
+  WAVG_EXT_IMPL_BASIS_OPS(meta);
+}
 
-TORCH_LIBRARY_IMPL(wavg_ext, Autograd, m) { WAVG_EXT_IMPL_ALL_OPS(autograd_kernel); }
+TORCH_LIBRARY_IMPL(wavg_ext, CompositeExplicitAutograd, m) {
+  WAVG_EXT_IMPL_ALL_OPS(no_kernel);
+  WAVG_EXT_IMPL_BASIS_OPS(fallback);
+}
+
+TORCH_LIBRARY_IMPL(wavg_ext, Autograd, m) {
+  WAVG_EXT_IMPL_ALL_OPS(autograd_kernel);
+  WAVG_EXT_IMPL_BASIS_OPS(autograd);
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "wavg_ext compiled kernels (ops are registered as torch.ops.wavg_ext.*)";
@@ -224,6 +430,36 @@ PYBIND11_MODULE(_C, m) {
   m.def("ema_", &wavg_ext::call_from_python<wavg_ext::kEmaSpec>);
   m.def("accumulate_", &wavg_ext::call_from_python<wavg_ext::kAccumulateSpec>);
   m.def("scale_copy_", &wavg_ext::call_from_python<wavg_ext::kScaleCopySpec>);
+  m.def("dots", &wavg_ext::dots_from_python);
+  m.def("combine_", &wavg_ext::combine_from_python);
+  m.def("project_", &wavg_ext::project_from_python);
+  m.def("orthonormalize_", &wavg_ext::orthonormalize_from_python);
+  m.def("basis_gram", &wavg_ext::basis_gram,
+        "CPU: float64 [na, ny] inner products of basis rows [a_first, +na) and [y_first, +ny).");
+  m.def("basis_mix_", &wavg_ext::basis_mix_,
+        "CPU: rows [y_first, +ny) <- beta * themselves + m @ rows [a_first, +na), in place.");
+  // The reference path validates the basis ops with the same checks as the kernels.
+  m.def("check_dots", [](pybind11::handle basis, pybind11::handle xs, int64_t k) {
+    wavg_ext::BorrowedTensors b("dots", "basis", basis), x("dots", "xs", xs);
+    wavg_ext::plan_dots(b.list(), x.list(), k, false);
+  });
+  m.def("check_combine", [](pybind11::handle outs, pybind11::handle basis, const at::Tensor& coeffs,
+                            double alpha, double beta) {
+    wavg_ext::BorrowedTensors o("combine_", "outs", outs), b("combine_", "basis", basis);
+    wavg_ext::plan_combine(o.list(), b.list(), coeffs, alpha, beta, false);
+  });
+  m.def("check_project", [](pybind11::handle grads, pybind11::handle basis, int64_t k) {
+    wavg_ext::BorrowedTensors g("project_", "grads", grads), b("project_", "basis", basis);
+    wavg_ext::plan_project(g.list(), b.list(), k, false);
+  });
+  m.def("check_orthonormalize", [](pybind11::handle basis, int64_t k, int64_t passes) {
+    wavg_ext::BorrowedTensors b("orthonormalize_", "basis", basis);
+    return wavg_ext::check_orthonormalize(b.list(), k, passes);
+  });
+  m.def("check_basis", [](const std::string& op, pybind11::handle basis) {
+    wavg_ext::BorrowedTensors b(op.c_str(), "basis", basis);
+    return wavg_ext::check_basis(op.c_str(), b.list());
+  });
   m.def("parallel_threads_used", &wavg_ext::parallel_threads_used,
         "Distinct threads one at::parallel_for over get_num_threads() items ran on.");
   // The reference path validates with exactly the checks the kernels use.

@@ -1,0 +1,9 @@
+// orthonormalize_(basis, k, passes): Gram-Schmidt (CGS2 by default) of row k, on CPU.
+#include <torch/library.h>
+
+#include "../basis_composite.h"
+#include "rows_cpu.h"
+
+TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
+  m.impl("orthonormalize_", &wavg_ext::orthonormalize_impl<wavg_ext::cpu::CpuRows>);
+}

@@ -1,0 +1,326 @@
+// The CPU engine of the basis ops: two kernels over a RowPlan (rows a and rows y of
+// every tensor, see basis_args.h).
+//
+//   rows_dot:  out[i][j] = sum over tensors and elements of a_i * y_j    (na x ny)
+//   rows_mix_: y_j <- beta * y_j + sum_i m[j][i] * a_i                    (in place)
+//
+// dots is rows_dot with y = xs (ny = 1), combine_ is rows_mix_ with y = outs; the
+// Gram matrix and the triangular update of the batch orthonormalization are the
+// same kernels on rows of one basis.
+//
+// Work is cut into units of at most kUnitElements elements of one tensor, fixed
+// independently of the thread count; rows_dot writes one partial per unit and adds
+// them in unit order, so results are the same bits for any number of threads.
+// Inside a unit, blocks of elements small enough for the L2 cache are swept once
+// per row tile, so every row is read from memory once per call.
+//
+// Precision: products are accumulated in float32 vectors over runs of kRunElements
+// elements, and each run's sum is added in float64 (float64 throughout for float64
+// tensors). Rounding errors stay at the size of one run's sum, not of the whole
+// dot product, which keeps Gram matrices of nearly collinear rows accurate.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../basis_args.h"
+#include "pairwise_cpu.h"
+
+namespace wavg_ext::cpu {
+
+constexpr int64_t kUnitElements = 65536;
+constexpr int64_t kRunElements = 512;
+constexpr int64_t kCacheBytes = 160 * 1024;
+// Below this much work (elements x rows) a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 18;
+
+// Calls f(a_t{}, y_t{}) for the (basis, partner) dtype pairs the validation admits.
+template <typename F>
+void dispatch_rows(c10::ScalarType a, c10::ScalarType y, const F& f) {
+  using c10::BFloat16;
+  using c10::Half;
+  using c10::ScalarType;
+  if (a == ScalarType::Double && y == ScalarType::Double) return f(double{}, double{});
+  if (a == ScalarType::Float) {
+    if (y == ScalarType::Float) return f(float{}, float{});
+    if (y == ScalarType::Half) return f(float{}, Half{});
+    if (y == ScalarType::BFloat16) return f(float{}, BFloat16{});
+  } else if (a == ScalarType::BFloat16) {
+    if (y == ScalarType::Float) return f(BFloat16{}, float{});
+    if (y == ScalarType::Half) return f(BFloat16{}, Half{});
+    if (y == ScalarType::BFloat16) return f(BFloat16{}, BFloat16{});
+  }
+  TORCH_CHECK(false, "wavg_ext: unsupported basis/partner dtypes ", a, " / ", y);  // validated
+}
+
+struct RowUnit {
+  int64_t task, begin, end;
+};
+
+// Units of at most kUnitElements elements, in task order, and the elements before each.
+inline void make_units(const RowPlan& plan, std::vector<RowUnit>& units,
+                       std::vector<int64_t>& starts) {
+  int64_t total = 0;
+  for (size_t t = 0; t < plan.tasks.size(); ++t) {
+    const int64_t n = plan.tasks[t].numel;
+    for (int64_t b = 0; b < n; b += kUnitElements) {
+      units.push_back({static_cast<int64_t>(t), b, std::min(n, b + kUnitElements)});
+      starts.push_back(total);
+      total += units.back().end - b;
+    }
+  }
+  starts.push_back(total);
+}
+
+// Runs body(first_unit, last_unit) over all units, split between threads so that
+// each gets about the same number of elements.
+template <typename Body>
+void for_units(const std::vector<int64_t>& starts, int64_t rows, const Body& body) {
+  const int64_t nunits = static_cast<int64_t>(starts.size()) - 1;
+  if (nunits <= 0) return;
+  const int64_t total = starts.back();
+  const int64_t work = total * rows;
+  const int64_t nthreads =
+      std::min<int64_t>({at::get_num_threads(), (work + kMinParallelWork - 1) / kMinParallelWork,
+                         nunits});
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    body(0, nunits);
+    return;
+  }
+  auto first_unit_at = [&](int64_t t) {
+    const int64_t start = total / nthreads * t + std::min(t, total % nthreads);
+    return static_cast<int64_t>(std::lower_bound(starts.begin(), starts.end() - 1, start) -
+                                starts.begin());
+  };
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) body(first_unit_at(t), first_unit_at(t + 1));
+  });
+}
+
+// Elements per cache block for rows rows of up to 4 bytes (opmath float) each,
+// a multiple of kRunElements.
+inline int64_t cache_block(int64_t rows, size_t elem_bytes) {
+  const int64_t fit = kCacheBytes / (std::max<int64_t>(rows, 1) * static_cast<int64_t>(elem_bytes));
+  return std::clamp<int64_t>(fit / kRunElements * kRunElements, kRunElements, kUnitElements);
+}
+
+template <typename T>
+using opmath_of = typename OpMath<T>::type;
+
+// acc[mi][mj] += sum over e in [0, n) of a[mi][e] * y[mj][e], in runs (see top).
+template <typename a_t, typename y_t, int MI, int MJ>
+void dot_tile(const a_t* const* a, const y_t* const* y, int64_t n, double (*acc)[2]) {
+  using opmath_t = opmath_of<a_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  constexpr int64_t kStep = VecIO<a_t>::kStep;
+  static_assert(VecIO<y_t>::kStep == kStep, "a and y share an opmath type");
+  int64_t e = 0;
+  while (e < n) {
+    const int64_t run_end = std::min(n, e + kRunElements);
+    Vec facc[MI][MJ];
+    for (int mi = 0; mi < MI; ++mi)
+      for (int mj = 0; mj < MJ; ++mj) facc[mi][mj] = Vec(opmath_t(0));
+    for (; e + kStep <= run_end; e += kStep) {
+      Vec alo[MI], ahi[MI];
+      for (int mi = 0; mi < MI; ++mi) VecIO<a_t>::load(a[mi] + e, alo[mi], ahi[mi]);
+      for (int mj = 0; mj < MJ; ++mj) {
+        Vec ylo, yhi;
+        VecIO<y_t>::load(y[mj] + e, ylo, yhi);
+        for (int mi = 0; mi < MI; ++mi) {
+          facc[mi][mj] = at::vec::fmadd(alo[mi], ylo, facc[mi][mj]);
+          facc[mi][mj] = at::vec::fmadd(ahi[mi], yhi, facc[mi][mj]);
+        }
+      }
+    }
+    opmath_t tail[MI][MJ] = {};
+    for (; e < run_end; ++e) {  // the last few elements of a tensor
+      for (int mi = 0; mi < MI; ++mi)
+        for (int mj = 0; mj < MJ; ++mj)
+          tail[mi][mj] = std::fma(static_cast<opmath_t>(a[mi][e]), static_cast<opmath_t>(y[mj][e]),
+                                  tail[mi][mj]);
+    }
+    for (int mi = 0; mi < MI; ++mi) {
+      for (int mj = 0; mj < MJ; ++mj) {
+        const opmath_t run = at::vec::vec_reduce_all<opmath_t>(
+            [](const Vec& x, const Vec& z) { return x + z; }, facc[mi][mj]);
+        acc[mi][mj] += static_cast<double>(run) + static_cast<double>(tail[mi][mj]);
+      }
+    }
+  }
+}
+
+template <typename a_t, typename y_t, int MI>
+void dot_tile_mj(int mj, const a_t* const* a, const y_t* const* y, int64_t n, double (*acc)[2]) {
+  if (mj == 2) return dot_tile<a_t, y_t, MI, 2>(a, y, n, acc);
+  return dot_tile<a_t, y_t, MI, 1>(a, y, n, acc);
+}
+
+template <typename a_t, typename y_t>
+void dot_tile_any(int mi, int mj, const a_t* const* a, const y_t* const* y, int64_t n,
+                  double (*acc)[2]) {
+  switch (mi) {
+    case 4: return dot_tile_mj<a_t, y_t, 4>(mj, a, y, n, acc);
+    case 3: return dot_tile_mj<a_t, y_t, 3>(mj, a, y, n, acc);
+    case 2: return dot_tile_mj<a_t, y_t, 2>(mj, a, y, n, acc);
+    default: return dot_tile_mj<a_t, y_t, 1>(mj, a, y, n, acc);
+  }
+}
+
+// out[i * ny + j] = <a_i, y_j> summed over all tasks (na x ny, float64). symmetric:
+// a and y are the same rows; only i <= j is computed and then mirrored.
+inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
+  const int64_t na = plan.na, ny = plan.ny;
+  std::fill(out, out + na * ny, 0.0);
+  if (na == 0 || ny == 0) return;
+  std::vector<RowUnit> units;
+  std::vector<int64_t> starts;
+  make_units(plan, units, starts);
+  std::vector<double> partials(units.size() * na * ny, 0.0);
+  const int64_t block = cache_block(symmetric ? na : na + ny, 4);
+
+  for_units(starts, na + ny, [&](int64_t first, int64_t last) {
+    std::vector<const void*> arow(na), yrow(ny);
+    for (int64_t u = first; u < last; ++u) {
+      const RowUnit& unit = units[u];
+      const RowTask& task = plan.tasks[unit.task];
+      double* part = partials.data() + u * na * ny;
+      dispatch_rows(task.a.dtype, task.y.dtype, [&](auto a0, auto y0) {
+        using a_t = decltype(a0);
+        using y_t = decltype(y0);
+        const a_t* abase = static_cast<const a_t*>(task.a.data);
+        const y_t* ybase = static_cast<const y_t*>(task.y.data);
+        for (int64_t b = unit.begin; b < unit.end; b += block) {
+          const int64_t n = std::min(unit.end, b + block) - b;
+          for (int64_t i0 = 0; i0 < na; i0 += 4) {
+            const int mi = static_cast<int>(std::min<int64_t>(4, na - i0));
+            const a_t* ap[4];
+            for (int r = 0; r < mi; ++r) ap[r] = abase + (i0 + r) * task.a.row_stride + b;
+            for (int64_t j0 = symmetric ? (i0 / 2) * 2 : 0; j0 < ny; j0 += 2) {
+              const int mj = static_cast<int>(std::min<int64_t>(2, ny - j0));
+              const y_t* yp[2];
+              for (int r = 0; r < mj; ++r) yp[r] = ybase + (j0 + r) * task.y.row_stride + b;
+              double acc[4][2] = {};
+              dot_tile_any<a_t, y_t>(mi, mj, ap, yp, n, acc);
+              for (int r = 0; r < mi; ++r)
+                for (int s = 0; s < mj; ++s) part[(i0 + r) * ny + j0 + s] += acc[r][s];
+            }
+          }
+        }
+      });
+    }
+  });
+  for (size_t u = 0; u < units.size(); ++u) {
+    const double* part = partials.data() + u * na * ny;
+    for (int64_t p = 0; p < na * ny; ++p) out[p] += part[p];
+  }
+  if (symmetric) {
+    for (int64_t i = 0; i < na; ++i)
+      for (int64_t j = 0; j < i; ++j) out[i * ny + j] = out[j * ny + i];
+  }
+}
+
+// y_j <- beta * y_j + sum_i m[j * na + i] * a_i for every task (j < ny, i < na).
+// Each output row of a cache block is accumulated in a float buffer, adding four
+// a rows per sweep (few memory streams at a time, one buffer load/store per four
+// FMAs). y_aliases_a: the y rows are (some of) the a rows themselves, so a block's
+// new values are written only once every output row of the block is computed.
+inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_aliases_a) {
+  const int64_t na = plan.na, ny = plan.ny;
+  if (ny == 0) return;
+  std::vector<RowUnit> units;
+  std::vector<int64_t> starts;
+  make_units(plan, units, starts);
+  const int64_t block = cache_block(na + ny, 4);
+
+  for_units(starts, na + ny, [&](int64_t first, int64_t last) {
+    for (int64_t u = first; u < last; ++u) {
+      const RowUnit& unit = units[u];
+      const RowTask& task = plan.tasks[unit.task];
+      dispatch_rows(task.a.dtype, task.y.dtype, [&](auto a0, auto y0) {
+        using a_t = decltype(a0);
+        using y_t = decltype(y0);
+        using opmath_t = opmath_of<a_t>;
+        using Vec = at::vec::Vectorized<opmath_t>;
+        constexpr int64_t kStep = VecIO<a_t>::kStep;
+        std::vector<opmath_t> coef(na * ny);
+        for (int64_t p = 0; p < na * ny; ++p) coef[p] = static_cast<opmath_t>(m[p]);
+        const opmath_t beta_o = static_cast<opmath_t>(beta);
+        const a_t* abase = static_cast<const a_t*>(task.a.data);
+        y_t* ybase = static_cast<y_t*>(task.y.data);
+        std::vector<opmath_t> sums((y_aliases_a ? ny : 1) * block);
+        auto write_row = [&](int64_t j, int64_t b, int64_t n, const opmath_t* src) {
+          y_t* yj = ybase + j * task.y.row_stride + b;
+          int64_t e = 0;
+          for (; e + kStep <= n; e += kStep) {
+            VecIO<y_t>::store(yj + e, Vec::loadu(src + e), Vec::loadu(src + e + Vec::size()));
+          }
+          for (; e < n; ++e) yj[e] = static_cast<y_t>(src[e]);
+        };
+        for (int64_t b = unit.begin; b < unit.end; b += block) {
+          const int64_t n = std::min(unit.end, b + block) - b;
+          for (int64_t j = 0; j < ny; ++j) {
+            opmath_t* acc = sums.data() + (y_aliases_a ? j * block : 0);
+            const y_t* yj = ybase + j * task.y.row_stride + b;
+            for (int64_t e = 0; e < n; ++e) {
+              acc[e] = beta != 0.0 ? static_cast<opmath_t>(yj[e]) * beta_o : opmath_t(0);
+            }
+            const opmath_t* cj = coef.data() + j * na;
+            for (int64_t i0 = 0; i0 < na; i0 += 4) {
+              const int64_t mi = std::min<int64_t>(4, na - i0);
+              const a_t* ap[4];
+              for (int64_t r = 0; r < mi; ++r) ap[r] = abase + (i0 + r) * task.a.row_stride + b;
+              int64_t e = 0;
+              for (; e + kStep <= n; e += kStep) {
+                Vec lo = Vec::loadu(acc + e), hi = Vec::loadu(acc + e + Vec::size());
+                for (int64_t r = 0; r < mi; ++r) {
+                  Vec alo, ahi;
+                  VecIO<a_t>::load(ap[r] + e, alo, ahi);
+                  const Vec c(cj[i0 + r]);
+                  lo = at::vec::fmadd(c, alo, lo);
+                  hi = at::vec::fmadd(c, ahi, hi);
+                }
+                lo.store(acc + e);
+                hi.store(acc + e + Vec::size());
+              }
+              for (; e < n; ++e) {  // the last few elements of a tensor, same arithmetic
+                opmath_t v = acc[e];
+                for (int64_t r = 0; r < mi; ++r)
+                  v = std::fma(cj[i0 + r], static_cast<opmath_t>(ap[r][e]), v);
+                acc[e] = v;
+              }
+            }
+            if (!y_aliases_a) write_row(j, b, n, acc);
+          }
+          if (y_aliases_a) {
+            for (int64_t j = 0; j < ny; ++j) write_row(j, b, n, sums.data() + j * block);
+          }
+        }
+      });
+    }
+  });
+}
+
+// The CPU backend of basis_composite.h.
+struct CpuRows {
+  static at::Tensor dot(const RowPlan& plan, bool symmetric) {
+    at::Tensor out = at::zeros({plan.na * plan.ny}, at::TensorOptions().dtype(at::kDouble));
+    rows_dot(plan, symmetric, out.data_ptr<double>());
+    return out;
+  }
+  static void mix(const RowPlan& plan, const at::Tensor& m, double alpha, double beta, bool alias) {
+    std::vector<double> scaled = host_coefficients(m);
+    for (double& v : scaled) v *= alpha;
+    rows_mix_(plan, scaled.data(), beta, alias);
+  }
+};
+
+}  // namespace wavg_ext::cpu
