@@ -226,6 +226,13 @@ RowPlan plan_basis_rows(at::TensorList basis, int64_t a_first, int64_t na, int64
   return plan;
 }
 
+c10::ScalarType basis_result_dtype(at::TensorList basis) {
+  for (const at::Tensor& b : basis) {
+    if (b.scalar_type() == ScalarType::Double) return ScalarType::Double;
+  }
+  return ScalarType::Float;
+}
+
 std::vector<double> host_coefficients(const at::Tensor& coeffs) {
   const at::Tensor c = coeffs.to(c10::kCPU, ScalarType::Double).contiguous();
   const double* p = c.const_data_ptr<double>();

@@ -69,6 +69,10 @@ int64_t check_basis(const char* op, at::TensorList basis);
 RowPlan plan_basis_rows(at::TensorList basis, int64_t a_first, int64_t na, int64_t y_first,
                         int64_t ny);
 
+// dtype of dots' and orthonormalize_'s results: float64 if the basis has a float64
+// tensor (float64 arithmetic), else float32.
+c10::ScalarType basis_result_dtype(at::TensorList basis);
+
 // The coefficients of combine_ as float64 values on the host (reads a device tensor).
 std::vector<double> host_coefficients(const at::Tensor& coeffs);
 

@@ -22,7 +22,7 @@ at::Tensor dots_impl(at::TensorList basis, at::TensorList xs, int64_t k) {
   RowPlan plan = plan_dots(basis, xs, k);
   at::Tensor c = Backend::dot(plan, /*symmetric=*/false);
   plan.finish();
-  return c.to(at::kFloat);
+  return c.to(basis_result_dtype(basis));
 }
 
 template <typename Backend>
@@ -65,7 +65,7 @@ at::Tensor orthonormalize_impl(at::TensorList basis, int64_t k, int64_t passes) 
     const at::Tensor inv = at::where(at::gt(norm, 0), at::reciprocal(norm), at::zeros_like(norm));
     Backend::mix(row, inv, 1.0, 0.0, /*alias=*/true);
   }
-  return norm.reshape({}).to(at::kFloat);
+  return norm.reshape({}).to(basis_result_dtype(basis));
 }
 
 }  // namespace wavg_ext

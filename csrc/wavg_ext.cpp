@@ -196,7 +196,7 @@ const c10::TypedOperatorHandle<OrthoSig>& orthonormalize_op() {
 
 at::Tensor dots_meta(at::TensorList basis, at::TensorList xs, int64_t k) {
   plan_dots(basis, xs, k, /*plan_layout=*/false);
-  return at::empty({k}, at::TensorOptions().dtype(at::kFloat).device(c10::kMeta));
+  return at::empty({k}, at::TensorOptions().dtype(basis_result_dtype(basis)).device(c10::kMeta));
 }
 void combine_meta(at::TensorList outs, at::TensorList basis, const at::Tensor& coeffs, double alpha,
                   double beta) {
@@ -207,7 +207,7 @@ void project_meta(at::TensorList grads, at::TensorList basis, int64_t k) {
 }
 at::Tensor orthonormalize_meta(at::TensorList basis, int64_t k, int64_t passes) {
   check_orthonormalize(basis, k, passes);
-  return at::empty({}, at::TensorOptions().dtype(at::kFloat).device(c10::kMeta));
+  return at::empty({}, at::TensorOptions().dtype(basis_result_dtype(basis)).device(c10::kMeta));
 }
 
 // No tensors at all (empty lists): validate and return the empty sums. Tensors on a

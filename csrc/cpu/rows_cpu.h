@@ -39,7 +39,7 @@ namespace wavg_ext::cpu {
 
 constexpr int64_t kUnitElements = 65536;
 constexpr int64_t kRunElements = 512;
-constexpr int64_t kCacheBytes = 160 * 1024;
+constexpr int64_t kCacheBytes = 384 * 1024;
 // Below this much work (elements x rows) a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 18;
 
@@ -106,8 +106,9 @@ void for_units(const std::vector<int64_t>& starts, int64_t rows, const Body& bod
   });
 }
 
-// Elements per cache block for rows rows of up to 4 bytes (opmath float) each,
-// a multiple of kRunElements.
+// Elements per cache block when `rows` rows of a block must stay in the cache while
+// the others stream through (a multiple of kRunElements). Long blocks keep the
+// streamed rows long enough for the hardware prefetchers.
 inline int64_t cache_block(int64_t rows, size_t elem_bytes) {
   const int64_t fit = kCacheBytes / (std::max<int64_t>(rows, 1) * static_cast<int64_t>(elem_bytes));
   return std::clamp<int64_t>(fit / kRunElements * kRunElements, kRunElements, kUnitElements);
@@ -185,7 +186,9 @@ inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
   std::vector<int64_t> starts;
   make_units(plan, units, starts);
   std::vector<double> partials(units.size() * na * ny, 0.0);
-  const int64_t block = cache_block(symmetric ? na : na + ny, 4);
+  // Kept in cache: the block's y rows (re-read by every tile of a rows) and one tile of
+  // a rows (re-read by every tile of y rows). The other a rows stream.
+  const int64_t block = cache_block(ny + std::min<int64_t>(na, 4), 4);
 
   for_units(starts, na + ny, [&](int64_t first, int64_t last) {
     std::vector<const void*> arow(na), yrow(ny);
@@ -228,18 +231,68 @@ inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
   }
 }
 
+// sums[mj][e] += sum_{r < mi} coef[mj][r] * a[r][e] for e < n: MJ output rows share
+// every load of the (up to 4) a rows. Vector body, scalar tail with the same FMAs.
+template <typename a_t, int MJ>
+void mix_tile(const a_t* const* a, int64_t mi, const opmath_of<a_t> (*coef)[4],
+              opmath_of<a_t>* const* sums, int64_t n) {
+  using opmath_t = opmath_of<a_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  constexpr int64_t kStep = VecIO<a_t>::kStep;
+  int64_t e = 0;
+  for (; e + kStep <= n; e += kStep) {
+    Vec lo[MJ], hi[MJ];
+    for (int mj = 0; mj < MJ; ++mj) {
+      lo[mj] = Vec::loadu(sums[mj] + e);
+      hi[mj] = Vec::loadu(sums[mj] + e + Vec::size());
+    }
+    for (int64_t r = 0; r < mi; ++r) {
+      Vec alo, ahi;
+      VecIO<a_t>::load(a[r] + e, alo, ahi);
+      for (int mj = 0; mj < MJ; ++mj) {
+        const Vec c(coef[mj][r]);
+        lo[mj] = at::vec::fmadd(c, alo, lo[mj]);
+        hi[mj] = at::vec::fmadd(c, ahi, hi[mj]);
+      }
+    }
+    for (int mj = 0; mj < MJ; ++mj) {
+      lo[mj].store(sums[mj] + e);
+      hi[mj].store(sums[mj] + e + Vec::size());
+    }
+  }
+  for (; e < n; ++e) {
+    for (int mj = 0; mj < MJ; ++mj) {
+      opmath_t v = sums[mj][e];
+      for (int64_t r = 0; r < mi; ++r) v = std::fma(coef[mj][r], static_cast<opmath_t>(a[r][e]), v);
+      sums[mj][e] = v;
+    }
+  }
+}
+
 // y_j <- beta * y_j + sum_i m[j * na + i] * a_i for every task (j < ny, i < na).
-// Each output row of a cache block is accumulated in a float buffer, adding four
-// a rows per sweep (few memory streams at a time, one buffer load/store per four
-// FMAs). y_aliases_a: the y rows are (some of) the a rows themselves, so a block's
-// new values are written only once every output row of the block is computed.
+// The output rows of a cache block are accumulated in float buffers, two output rows
+// and four a rows at a time (every a load feeds two rows; few memory streams at a
+// time), skipping coefficients that are zero at the ends of a row (triangular m).
+// y_aliases_a: the y rows are (some of) the a rows themselves, so a block's new
+// values are written only once every output row of the block is computed.
 inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_aliases_a) {
   const int64_t na = plan.na, ny = plan.ny;
   if (ny == 0) return;
   std::vector<RowUnit> units;
   std::vector<int64_t> starts;
   make_units(plan, units, starts);
-  const int64_t block = cache_block(na + ny, 4);
+  // Kept in cache: the sums of the block's output rows, and all a rows when more than one
+  // output row sweeps them. With one output row (combine_) the a rows stream.
+  const int64_t block = cache_block(ny == 1 ? 1 + 4 : na + ny, 4);
+  // Nonzero coefficient range [first, last) of each output row.
+  std::vector<int64_t> first_nz(ny, 0), last_nz(ny, 0);
+  for (int64_t j = 0; j < ny; ++j) {
+    int64_t lo = 0, hi = na;
+    while (lo < hi && m[j * na + lo] == 0.0) ++lo;
+    while (hi > lo && m[j * na + hi - 1] == 0.0) --hi;
+    first_nz[j] = lo;
+    last_nz[j] = hi;
+  }
 
   for_units(starts, na + ny, [&](int64_t first, int64_t last) {
     for (int64_t u = first; u < last; ++u) {
@@ -251,12 +304,10 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
         using opmath_t = opmath_of<a_t>;
         using Vec = at::vec::Vectorized<opmath_t>;
         constexpr int64_t kStep = VecIO<a_t>::kStep;
-        std::vector<opmath_t> coef(na * ny);
-        for (int64_t p = 0; p < na * ny; ++p) coef[p] = static_cast<opmath_t>(m[p]);
         const opmath_t beta_o = static_cast<opmath_t>(beta);
         const a_t* abase = static_cast<const a_t*>(task.a.data);
         y_t* ybase = static_cast<y_t*>(task.y.data);
-        std::vector<opmath_t> sums((y_aliases_a ? ny : 1) * block);
+        std::vector<opmath_t> sums((y_aliases_a ? ny : 2) * block);
         auto write_row = [&](int64_t j, int64_t b, int64_t n, const opmath_t* src) {
           y_t* yj = ybase + j * task.y.row_stride + b;
           int64_t e = 0;
@@ -267,38 +318,38 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
         };
         for (int64_t b = unit.begin; b < unit.end; b += block) {
           const int64_t n = std::min(unit.end, b + block) - b;
-          for (int64_t j = 0; j < ny; ++j) {
-            opmath_t* acc = sums.data() + (y_aliases_a ? j * block : 0);
-            const y_t* yj = ybase + j * task.y.row_stride + b;
-            for (int64_t e = 0; e < n; ++e) {
-              acc[e] = beta != 0.0 ? static_cast<opmath_t>(yj[e]) * beta_o : opmath_t(0);
+          for (int64_t j0 = 0; j0 < ny; j0 += 2) {
+            const int mj = static_cast<int>(std::min<int64_t>(2, ny - j0));
+            opmath_t* acc[2];
+            for (int s = 0; s < mj; ++s) {
+              acc[s] = sums.data() + (y_aliases_a ? (j0 + s) : s) * block;
+              const y_t* yj = ybase + (j0 + s) * task.y.row_stride + b;
+              for (int64_t e = 0; e < n; ++e) {
+                acc[s][e] = beta != 0.0 ? static_cast<opmath_t>(yj[e]) * beta_o : opmath_t(0);
+              }
             }
-            const opmath_t* cj = coef.data() + j * na;
-            for (int64_t i0 = 0; i0 < na; i0 += 4) {
-              const int64_t mi = std::min<int64_t>(4, na - i0);
+            int64_t i_lo = first_nz[j0], i_hi = last_nz[j0];
+            if (mj == 2) {
+              i_lo = std::min(i_lo, first_nz[j0 + 1]);
+              i_hi = std::max(i_hi, last_nz[j0 + 1]);
+            }
+            for (int64_t i0 = i_lo; i0 < i_hi; i0 += 4) {
+              const int64_t mi = std::min<int64_t>(4, i_hi - i0);
               const a_t* ap[4];
-              for (int64_t r = 0; r < mi; ++r) ap[r] = abase + (i0 + r) * task.a.row_stride + b;
-              int64_t e = 0;
-              for (; e + kStep <= n; e += kStep) {
-                Vec lo = Vec::loadu(acc + e), hi = Vec::loadu(acc + e + Vec::size());
-                for (int64_t r = 0; r < mi; ++r) {
-                  Vec alo, ahi;
-                  VecIO<a_t>::load(ap[r] + e, alo, ahi);
-                  const Vec c(cj[i0 + r]);
-                  lo = at::vec::fmadd(c, alo, lo);
-                  hi = at::vec::fmadd(c, ahi, hi);
-                }
-                lo.store(acc + e);
-                hi.store(acc + e + Vec::size());
+              opmath_t coef[2][4] = {};
+              for (int64_t r = 0; r < mi; ++r) {
+                ap[r] = abase + (i0 + r) * task.a.row_stride + b;
+                for (int s = 0; s < mj; ++s) coef[s][r] = static_cast<opmath_t>(m[(j0 + s) * na + i0 + r]);
               }
-              for (; e < n; ++e) {  // the last few elements of a tensor, same arithmetic
-                opmath_t v = acc[e];
-                for (int64_t r = 0; r < mi; ++r)
-                  v = std::fma(cj[i0 + r], static_cast<opmath_t>(ap[r][e]), v);
-                acc[e] = v;
+              if (mj == 2) {
+                mix_tile<a_t, 2>(ap, mi, coef, acc, n);
+              } else {
+                mix_tile<a_t, 1>(ap, mi, coef, acc, n);
               }
             }
-            if (!y_aliases_a) write_row(j, b, n, acc);
+            if (!y_aliases_a) {
+              for (int s = 0; s < mj; ++s) write_row(j0 + s, b, n, acc[s]);
+            }
           }
           if (y_aliases_a) {
             for (int64_t j = 0; j < ny; ++j) write_row(j, b, n, sums.data() + j * block);

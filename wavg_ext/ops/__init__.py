@@ -25,7 +25,8 @@ from . import reference
 Scalar = Union[float, int, torch.Tensor]
 TensorList = Iterable[torch.Tensor]
 
-__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "reference", "force_reference"]
+__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "dots", "combine_", "project_",
+           "orthonormalize_", "orthonormalize_many_", "new_basis", "reference", "force_reference"]
 
 # Device types with compiled kernels in this build (CUDA only when it was built).
 _KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _C.build_info()["cuda"] else ["cpu"])
@@ -50,6 +51,13 @@ def _as_list(name: str, tensors: TensorList):
         # list(tensor) would silently split it along dim 0.
         raise TypeError(f"{name} must be a list of tensors, got a single Tensor")
     return list(tensors)
+
+
+def _use_kernels(tensors) -> bool:
+    """Whether a call whose first tensor list is `tensors` runs the compiled kernels."""
+    first = tensors[0] if len(tensors) else None
+    device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+    return not _force_reference and device_type in _KERNEL_DEVICES
 
 
 def _call(op: str, names: tuple, outs: TensorList, ins: TensorList, scalar: Scalar) -> None:
@@ -95,3 +103,71 @@ def accumulate_(sums: TensorList, xs: TensorList, alpha: Scalar = 1.0) -> None:
 def scale_copy_(dsts: TensorList, srcs: TensorList, scale: Scalar = 1.0) -> None:
     """dst <- scale * src for every pair, cast to dst's dtype (dst is not read)."""
     _call("scale_copy_", ("dsts", "srcs"), dsts, srcs, scale)
+
+
+# --------------------------------------------------------------------------- basis ops (TWA)
+# A basis is a list with one tensor per parameter, of shape [capacity, *param.shape]
+# (make one with new_basis); row i of every tensor together is one vector of the whole
+# model. Same dispatch as above: kernels for CPU/CUDA, the reference elsewhere, one
+# set of checks everywhere.
+
+
+def dots(basis: TensorList, xs: TensorList, k: int) -> torch.Tensor:
+    """The k inner products c_i = sum over tensors of <basis_t[i], x_t>, i < k, in one pass
+    that reads xs once. Returns a float32 tensor [k] (float64 for a float64 basis) on the
+    basis' device; accumulation is float64 across float32 runs."""
+    basis, xs = _as_list("basis", basis), _as_list("xs", xs)
+    if not _use_kernels(basis):
+        _C.check_dots(basis, xs, k)
+        return reference.dots(basis, xs, k)
+    if torch.compiler.is_compiling():
+        return torch.ops.wavg_ext.dots(basis, xs, k)
+    return _C.dots(basis, xs, k)
+
+
+def combine_(outs: TensorList, basis: TensorList, coeffs: torch.Tensor, alpha: float = 1.0,
+             beta: float = 0.0) -> None:
+    """out <- beta*out + alpha*sum_i coeffs_i*basis_t[i] for every tensor, k = coeffs.numel().
+
+    ``coeffs`` is a float32/float64 tensor [k] on the CPU or the basis' device (a device
+    tensor is read by the kernel: no host sync). With beta == 0, out is not read."""
+    outs, basis = _as_list("outs", outs), _as_list("basis", basis)
+    if not _use_kernels(basis):
+        _C.check_combine(outs, basis, coeffs, alpha, beta)
+        reference.combine_(outs, basis, coeffs, alpha, beta)
+    elif torch.compiler.is_compiling():
+        torch.ops.wavg_ext.combine_(outs, basis, coeffs, alpha, beta)
+    else:
+        _C.combine_(outs, basis, coeffs, float(alpha), float(beta))
+
+
+def project_(grads: TensorList, basis: TensorList, k: int) -> None:
+    """g <- P P^T g for every tensor, P = the first k basis rows (assumed orthonormal):
+    dots, then combine_, two passes over the rows; no host sync on CUDA."""
+    grads, basis = _as_list("grads", grads), _as_list("basis", basis)
+    if not _use_kernels(basis):
+        _C.check_project(grads, basis, k)
+        reference.project_(grads, basis, k)
+    elif torch.compiler.is_compiling():
+        torch.ops.wavg_ext.project_(grads, basis, k)
+    else:
+        _C.project_(grads, basis, k)
+
+
+def orthonormalize_(basis: TensorList, k: int, passes: int = 2) -> torch.Tensor:
+    """Row k <- row k minus its projection on rows < k, ``passes`` times (2: CGS2, which
+    keeps the rows orthogonal to working precision), then normalized.
+
+    Returns the norm before normalizing (0-dim, float32; float64 for a float64 basis): a
+    norm tiny relative to the row's original norm means the row added no new direction.
+    A row of norm exactly 0 is left as zeros."""
+    basis = _as_list("basis", basis)
+    if not _use_kernels(basis):
+        _C.check_orthonormalize(basis, k, passes)
+        return reference.orthonormalize_(basis, k, passes)
+    if torch.compiler.is_compiling():
+        return torch.ops.wavg_ext.orthonormalize_(basis, k, passes)
+    return _C.orthonormalize_(basis, k, passes)
+
+
+from .basis import new_basis, orthonormalize_many_  # noqa: E402

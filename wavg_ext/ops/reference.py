@@ -17,7 +17,8 @@ import torch
 
 Scalar = Union[float, int, torch.Tensor]
 
-__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_"]
+__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "dots", "combine_", "project_",
+           "orthonormalize_"]
 
 
 def _opmath(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
@@ -80,3 +81,68 @@ def scale_copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], scal
             continue
         op = _opmath(d, s)
         d.copy_(s.to(op) * _scalar(scale, op, d.device))
+
+
+# --------------------------------------------------------------------------- basis ops
+# A basis is one [capacity, *param.shape] tensor per parameter; row i of all of them is
+# one vector of the whole model. Arithmetic in float64 for float64 bases, float32 else.
+
+
+def _basis_opmath(basis: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(b.dtype == torch.float64 for b in basis) else torch.float32
+
+
+@torch.no_grad()
+def dots(basis: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """c_i = sum over tensors of <basis_t[i], x_t>, i < k (float64 for float64 bases, else float32)."""
+    op = _basis_opmath(basis)
+    device = basis[0].device if len(basis) else torch.device("cpu")
+    out = torch.zeros(k, dtype=op, device=device)
+    for b, x in zip(basis, xs):
+        if x.numel():
+            out += b[:k].reshape(k, -1).to(op) @ x.reshape(-1).to(op)
+    return out
+
+
+@torch.no_grad()
+def combine_(outs: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], coeffs: torch.Tensor,
+             alpha: float = 1.0, beta: float = 0.0) -> None:
+    """out <- beta*out + alpha*sum_i coeffs_i*basis_t[i] (out is not read when beta == 0)."""
+    op = _basis_opmath(basis)
+    k = coeffs.numel()
+    for o, b in zip(outs, basis):
+        if o.numel() == 0:
+            continue
+        new = float(alpha) * (coeffs.to(device=o.device, dtype=op) @ b[:k].reshape(k, -1).to(op))
+        if beta != 0.0:
+            new = new + float(beta) * o.reshape(-1).to(op)
+        o.copy_(new.view(o.shape))
+
+
+@torch.no_grad()
+def project_(grads: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], k: int) -> None:
+    """g <- P P^T g with P = the first k basis rows."""
+    combine_(grads, basis, dots(basis, grads, k), 1.0, 0.0)
+
+
+@torch.no_grad()
+def orthonormalize_(basis: Sequence[torch.Tensor], k: int, passes: int = 2) -> torch.Tensor:
+    """Row k minus its projection on rows < k (``passes`` times), then normalized; returns
+    the norm before normalizing (a zero row stays zero)."""
+    op = _basis_opmath(basis)
+    device = basis[0].device if len(basis) else torch.device("cpu")
+    used = [b for b in basis if b.numel()]
+    if not used:
+        return torch.zeros((), dtype=op, device=device)
+    rows = torch.cat([b[: k + 1].reshape(k + 1, -1).to(op) for b in used], dim=1)
+    v = rows[k]
+    for _ in range(passes if k > 0 else 0):
+        v = v - (rows[:k] @ v) @ rows[:k]
+    norm = v.norm()
+    v = torch.where(norm > 0, v / norm, torch.zeros_like(v))
+    start = 0
+    for b in used:
+        n = b[k].numel()
+        b[k].copy_(v[start:start + n].view(b[k].shape))
+        start += n
+    return norm
