@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from fractions import Fraction
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -26,39 +25,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _C, ops
+from .wrapper import _check_fraction, _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
 __all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA"]
 
-_STATE_VERSION = 1
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-# --------------------------------------------------------------------------- argument checks
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    value = _check_real(name, value)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return value
+# --------------------------------------------------------------------------- sampling helpers
 
 
 def fraction_count(fraction: float, length: int) -> int:
@@ -74,7 +48,7 @@ def fraction_count(fraction: float, length: int) -> int:
 # --------------------------------------------------------------------------- the engine
 
 
-class WeightAveraging(Optimizer):
+class WeightAveraging(_WrappedOptimizer):
     """Wraps ``optimizer`` and keeps an average of its parameters, updated after each step.
 
     The wrapper shares the base optimizer's ``param_groups``, ``state`` and ``defaults``
@@ -115,6 +89,7 @@ class WeightAveraging(Optimizer):
     """
 
     method = "WeightAveraging"
+    _state_key = "averaging"
 
     def __init__(
         self,
@@ -137,9 +112,7 @@ class WeightAveraging(Optimizer):
         average_buffers: bool = False,
         average_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        # Deliberately no Optimizer.__init__: param_groups/state/defaults are the base's.
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(optimizer)  # checks optimizer; param_groups/state/defaults are the base's
         if rule not in ("mean", "momentum"):
             raise ValueError(f"rule must be 'mean' or 'momentum', got {rule!r}")
         if rule == "momentum":
@@ -190,7 +163,6 @@ class WeightAveraging(Optimizer):
                                           or not average_dtype.is_floating_point):
             raise TypeError(f"average_dtype must be a floating torch.dtype, got {average_dtype!r}")
 
-        self.optimizer = optimizer
         self.rule = rule
         self.momentum = momentum
         self.start = start
@@ -227,7 +199,7 @@ class WeightAveraging(Optimizer):
     # ----------------------------------------------------------------- tensors
 
     def _build_tensors(self) -> None:
-        params: List[torch.Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = self._flat_params()
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"param_groups tensor {i} is a {type(p).__name__}, not a Tensor")
@@ -278,49 +250,6 @@ class WeightAveraging(Optimizer):
 
     # ----------------------------------------------------------------- Optimizer interface
 
-    @property
-    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: List[Dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: Dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
-        return f"{type(self).__name__}({cfg},\n  optimizer={self.optimizer!r})"
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def register_step_pre_hook(self, hook):
-        return self.optimizer.register_step_pre_hook(hook)
-
-    def register_step_post_hook(self, hook):
-        return self.optimizer.register_step_post_hook(hook)
-
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group to the base optimizer; only before the first sample (or after reset())."""
         if self._num > 0 or self._stash is not None:
@@ -330,29 +259,17 @@ class WeightAveraging(Optimizer):
         self.optimizer.add_param_group(param_group)
         self._build_tensors()
 
-    def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One base optimizer step, then the averaging events of the new position.
-
-        Under ``torch.compile`` (e.g. ``torch.compile(opt.step)``) only the base step is
-        traced; the averaging engine runs eagerly around it (see ``_before_base_step``).
-        """
-        self._before_base_step()
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self._after_base_step()
-        return loss
-
     # The engine's host-side counters change every step: traced by dynamo they would
     # become guards and force a recompilation per step, so the engine stays eager.
     @torch.compiler.disable
-    def _before_base_step(self) -> None:
+    def _before_base_step(self, closure: Optional[Callable[[], Any]]) -> Optional[Callable[[], Any]]:
         if self._stash is not None:
             raise RuntimeError("the model holds the averaged weights (swap() or averaged() is active); "
                                "call swap() again before training")
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) != self._num_params:
-            raise RuntimeError("the base optimizer's parameters changed since wrapping; add parameter "
-                               "groups through the wrapper's add_param_group")
+        self._check_params_unchanged(self._num_params)
         if self._processed < self._step:  # position 0: the weights before the first step
             self._run_position(self._step)
+        return closure
 
     @torch.compiler.disable
     def _after_base_step(self) -> None:
@@ -578,7 +495,7 @@ class WeightAveraging(Optimizer):
         return {
             "optimizer": self.optimizer.state_dict(),
             "averaging": {
-                "version": _STATE_VERSION,
+                "version": self._state_version,
                 "method": self.method,
                 "config": self._config(),
                 "step": self._step,
@@ -597,28 +514,13 @@ class WeightAveraging(Optimizer):
         """Restores a ``state_dict()``; everything is checked before anything is changed."""
         if self._stash is not None:
             raise RuntimeError("load_state_dict() while swapped; swap() back first")
-        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "averaging" not in state_dict:
-            raise ValueError("not a wavg_ext averaging state dict (expected keys 'optimizer' and 'averaging')")
-        avg = state_dict["averaging"]
-        if avg.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported averaging state version {avg.get('version')!r}")
-        if avg.get("method") != self.method:
-            raise ValueError(f"state dict is from {avg.get('method')}, this wrapper is {self.method}")
-        mine = self._config()
-        diff = sorted(k for k in set(mine) | set(avg["config"]) if mine.get(k) != avg["config"].get(k))
-        if diff:
-            detail = ", ".join(f"{k}: saved {avg['config'].get(k)!r} vs {mine.get(k)!r}" for k in diff)
-            raise ValueError(f"state dict was saved with other settings ({detail})")
+        avg = self._saved_section(state_dict)
         saved, saved_int = avg["averages"], avg["integer_buffers"]
         if len(saved) != len(self._averages) or len(saved_int) != len(self._int_averages):
             raise ValueError(f"state dict has {len(saved)} averages and {len(saved_int)} integer buffers, this "
                              f"wrapper {len(self._averages)} and {len(self._int_averages)}")
-        for kind, src_list, dst_list in (("averages", saved, self._averages),
-                                         ("integer_buffers", saved_int, self._int_averages)):
-            for i, (s, d) in enumerate(zip(src_list, dst_list)):
-                if not isinstance(s, torch.Tensor) or s.shape != d.shape or s.dtype != d.dtype:
-                    got = f"{list(s.shape)} {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
-                    raise ValueError(f"state dict {kind}[{i}] is {got}, expected {list(d.shape)} {d.dtype}")
+        _check_saved_tensors("averages", saved, self._averages)
+        _check_saved_tensors("integer_buffers", saved_int, self._int_averages)
         if list(avg["buffer_names"]) != self._buffer_names or \
                 list(avg["integer_buffer_names"]) != self._int_buffer_names:
             raise ValueError("state dict averages other buffers than this wrapper's module has")
