@@ -1,7 +1,7 @@
 """wavg_ext: fused weight averaging (SWA, EMA and friends) for PyTorch.
 
 ``wavg_ext.optim`` holds the drop-in optimizer wrappers (``SWA``, ``EMA``, ``PSWA``,
-``PWALKS``, ``PSWM``, ``PeriodicSWA``, re-exported here), ``wavg_ext.update_bn`` the
+``PWALKS``, ``PSWM``, ``PeriodicSWA``, ``TWA``, re-exported here), ``wavg_ext.update_bn`` the
 BatchNorm recalibration, ``wavg_ext.ops`` the fused in-place ops they use, and
 ``wavg_ext.build_info()`` says what was compiled into this installation.
 """
@@ -21,12 +21,13 @@ except ImportError as err:  # e.g. importing the source checkout, which has no c
 from . import ops  # noqa: E402
 from . import optim  # noqa: E402
 from .bn import update_bn  # noqa: E402
-from .optim import EMA, PSWA, PSWM, PWALKS, SWA, PeriodicSWA, WeightAveraging, cyclic_lr  # noqa: E402
+from .optim import (EMA, PSWA, PSWM, PWALKS, SWA, TWA, PeriodicSWA, RankDeficientSampleWarning,  # noqa: E402
+                    WeightAveraging, cyclic_lr)
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "WeightAveraging", "SWA", "EMA", "PSWA",
-           "PWALKS", "PSWM", "PeriodicSWA", "__version__"]
+           "PWALKS", "PSWM", "PeriodicSWA", "TWA", "RankDeficientSampleWarning", "__version__"]
 
 
 def build_info() -> dict:

@@ -1,7 +1,9 @@
-"""Drop-in optimizer wrappers for weight averaging (see :mod:`wavg_ext.optim.averaging`)."""
+"""Drop-in optimizer wrappers for weight averaging (:mod:`wavg_ext.optim.averaging`) and TWA
+(:mod:`wavg_ext.optim.twa`)."""
 
 from .averaging import EMA, PSWA, PSWM, PWALKS, SWA, PeriodicSWA, WeightAveraging, fraction_count
 from .schedules import cyclic_lr
+from .twa import TWA, RankDeficientSampleWarning
 
-__all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA", "cyclic_lr",
-           "fraction_count"]
+__all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA", "TWA",
+           "RankDeficientSampleWarning", "cyclic_lr", "fraction_count"]

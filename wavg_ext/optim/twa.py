@@ -1,0 +1,509 @@
+"""Trainable Weight Averaging (TWA, Li et al.) as a drop-in optimizer wrapper.
+
+TWA searches for the best weighted average of the sampled weights ``w_1..w_n`` by
+training inside their span: Gram-Schmidt turns the samples into an orthonormal basis
+``P = [e_1..e_n]`` (eq. 3), the weights start at a point of the span (the samples' mean
+in the head stage, the last sample in the tail stage) and every step projects the
+gradient onto it (Algorithm 1). The paper's l2 penalty on the averaging coefficients
+(eq. 5) becomes a decay of the weights (appendix B, eq. 8)::
+
+    w <- (1 - lambda) * w - eta * P P^T g
+
+:class:`TWA` keeps ``P`` as a basis of the fused ops (one ``[capacity, *p.shape]`` tensor
+per parameter, :func:`wavg_ext.ops.new_basis`): ``collect()`` adds a sample with
+``orthonormalize_`` (CGS2), a training step is one ``project_`` call over all tensors,
+a ``_foreach_mul_`` and the base optimizer's step.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .. import _C, ops
+from ..ops.basis import default_rtol
+from .wrapper import _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
+
+__all__ = ["TWA", "RankDeficientSampleWarning"]
+
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_INITS = ("mean", "current")
+Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+class RankDeficientSampleWarning(UserWarning):
+    """A TWA sample added no new direction to the basis (its weights already lie in the span of
+    the earlier samples, up to ``rtol``) and was refused: the basis did not grow."""
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    """Euclidean norm of a whole-model vector (float64 accumulation across tensors; syncs)."""
+    return float(ops.dots([t.unsqueeze(0) for t in tensors], tensors, 1)) ** 0.5
+
+
+class TWA(_WrappedOptimizer):
+    """Wraps ``optimizer`` for Trainable Weight Averaging: collect samples, then train in their span.
+
+    Like the averaging wrappers it shares the base optimizer's ``param_groups``, ``state``
+    and ``defaults`` (LR schedulers, ``GradScaler``, ``zero_grad`` work unchanged) and is a
+    ``torch.optim.Optimizer``. The whole model is one vector: all parameters of the base
+    optimizer's groups, in order (they must be on one device).
+
+    Usage: train normally with ``step()`` and call ``collect()`` at each sampling point
+    (e.g. every epoch end); then ``start_subspace(init)`` puts the weights into the span of
+    the samples and from then on every ``step()``
+
+    1. projects the gradient onto the span with one :func:`wavg_ext.ops.project_` call over
+       all parameters (a parameter whose ``grad`` is None gets a zero gradient first: the
+       projection of the whole-model gradient has components on every tensor);
+    2. multiplies all parameters by ``1 - reg`` (eq. 8 of the paper);
+    3. runs the base optimizer's step.
+
+    Reading of eq. (8), ``w <- (1 - lambda) w - eta P P^T g``: ``reg`` is lambda itself, a
+    per-step decay that does not depend on the learning rate (eq. 8 has ``1 - lambda``, not
+    ``1 - eta lambda``) and is applied directly to the weights, not fed through momentum.
+    It is the gradient step of the penalty ``lambda/2 sum alpha_i^2`` on the averaging
+    coefficients mapped to parameter space (eqs. 6-7). The base optimizer's own
+    ``weight_decay`` still acts on top of it (on the projected gradient).
+
+    The weights stay in the span when the base update is a linear function of the
+    (projected) gradients and the weights: SGD with or without momentum/Nesterov and weight
+    decay. An elementwise-adaptive optimizer (Adam, RMSprop) rescales each coordinate and
+    moves the weights out of the span. ``start_subspace`` clears the base optimizer's state
+    by default, because momentum collected before holds full-space gradients.
+
+    Buffers (BatchNorm running statistics) are not part of the basis: recompute them with
+    :func:`wavg_ext.update_bn` after ``start_subspace`` and after training.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        capacity: the most samples the basis can hold (>= 1); the basis takes
+            ``capacity`` copies of the model in ``storage_dtype``.
+        reg: lambda of eq. (8) in [0, 1); the paper uses 1e-5 (5e-5 in its tail-stage runs).
+        storage_dtype: dtype of the basis: ``torch.float32``, ``torch.bfloat16`` or
+            ``torch.float64`` (float64 parameters need float64). Default: float32, float64 for
+            float64 parameters. With bfloat16 the samples are orthonormalized in float32 and
+            only the unit basis vectors are rounded to bfloat16.
+        rtol: a sample whose relative residual (its norm after removing the span of the
+            earlier samples, over its own norm) is <= rtol adds no new direction and is
+            refused. Default: :func:`wavg_ext.ops.basis.default_rtol` of the storage dtype
+            (1e-5 for float32, 2e-2 for bfloat16, 1e-12 for float64).
+    """
+
+    method = "TWA"
+    _state_key = "twa"
+
+    def __init__(self, optimizer: Optimizer, capacity: int, reg: float = 1e-5,
+                 storage_dtype: Optional[torch.dtype] = None, rtol: Optional[float] = None) -> None:
+        super().__init__(optimizer)
+        capacity = _check_int("capacity", capacity, 1)
+        reg = _check_real("reg", reg)
+        if not 0.0 <= reg < 1.0:
+            raise ValueError(f"reg must be in [0, 1), got {reg}")
+        if storage_dtype is not None and storage_dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"storage_dtype must be torch.float32, torch.bfloat16 or torch.float64, "
+                            f"got {storage_dtype!r}")
+        if rtol is not None:
+            rtol = _check_real("rtol", rtol)
+            if not 0.0 <= rtol < 1.0:
+                raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+        self.capacity = capacity
+        self.reg = reg
+        self.storage_dtype = storage_dtype
+        self._rtol = rtol
+        self._build_basis()
+        # Host-side state (no device sync per step).
+        self._k = 0  # basis rows in use
+        self._num_samples = 0  # collect() calls, accepted or not
+        # Sum of the samples' coefficients P^T w_j (every sample lies in span(P)): the
+        # samples' mean is P @ (sum / num_samples), with no model-sized buffer.
+        self._coef_sum = torch.zeros(capacity, dtype=torch.float64)
+        self._in_subspace = False
+        self._scratch: Optional[List[torch.Tensor]] = None  # float32 sample for a bfloat16 basis
+
+    # ----------------------------------------------------------------- tensors
+
+    def _build_basis(self) -> None:
+        params = self._flat_params()
+        if not params:
+            raise ValueError("the base optimizer has no parameters")
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"param_groups tensor {i} is a {type(p).__name__}, not a Tensor")
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {i} has dtype {p.dtype}; only floating tensors can be averaged")
+            if p.device != params[0].device:
+                raise ValueError(f"parameter {i} is on {p.device}, parameter 0 on {params[0].device}: TWA keeps "
+                                 "one basis of the whole model, so all parameters must be on one device")
+            wide = p.dtype == torch.float64
+            if self.storage_dtype is not None and wide != (self.storage_dtype == torch.float64):
+                raise TypeError(f"parameter {i} is {p.dtype} but storage_dtype is {self.storage_dtype}: float64 "
+                                "parameters need a float64 basis and other parameters a float32/bfloat16 one")
+        detached = [p.detach() for p in params]
+        basis = ops.new_basis(detached, self.capacity, dtype=self.storage_dtype)
+        _C.check_project(detached, basis, 1)  # the ops' own checks (dtype pairs, layouts), now
+        self._params = params
+        self._basis = basis
+        self._bf16 = self.storage_dtype == torch.bfloat16
+        self.rtol = self._rtol if self._rtol is not None else max(default_rtol(b.dtype) for b in basis)
+
+    def _weights(self) -> List[torch.Tensor]:
+        # Detached afresh at each use: `p.data = ...` (vector_to_parameters, Module.to) gives a
+        # parameter new storage that a cached detached view would not see.
+        return [p.detach() for p in self._params]
+
+    def _scratch_tensors(self) -> List[torch.Tensor]:
+        if self._scratch is None:
+            self._scratch = [torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                             for p in self._params]
+        return self._scratch
+
+    # ----------------------------------------------------------------- Optimizer interface
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group to the base optimizer; only before the first ``collect()``."""
+        if self._num_samples > 0 or self._in_subspace:
+            raise RuntimeError("add_param_group after collect(): the basis vectors have no components for the "
+                               "new parameters")
+        self.optimizer.add_param_group(param_group)
+        try:
+            self._build_basis()
+        except (TypeError, ValueError):
+            self.optimizer.param_groups.pop()
+            raise
+
+    @torch.compiler.disable
+    def _before_base_step(self, closure: Optional[Callable[[], Any]]) -> Optional[Callable[[], Any]]:
+        self._check_params_unchanged(len(self._params))
+        if not self._in_subspace:
+            return closure
+        if closure is None:
+            self._project_grads()
+        else:
+            closure = self._projecting(closure)
+        if self.reg:
+            with torch.no_grad():
+                torch._foreach_mul_(self._params, 1.0 - self.reg)
+        return closure
+
+    def _projecting(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def projected() -> Any:
+            loss = closure()
+            self._project_grads()
+            return loss
+        return projected
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _project_grads(self) -> None:
+        grads = []
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad)
+        ops.project_(grads, self._basis, self._k)
+
+    # ----------------------------------------------------------------- collecting samples
+
+    @torch.no_grad()
+    def _add_row(self, srcs: Sequence[torch.Tensor]) -> Tuple[bool, float]:
+        """Orthonormalizes the sample ``srcs`` against rows [0, k) into row k; returns (accepted,
+        relative residual). A refused sample leaves row k zero. Syncs (the residual)."""
+        k = self._k
+        row = [b[k] for b in self._basis]
+        if not self._bf16:
+            ops.scale_copy_(row, srcs, 1.0)
+            original = _norm(row)
+            norm = float(ops.orthonormalize_(self._basis, k))
+        else:
+            # The new direction is often smaller than bfloat16's rounding of the sample:
+            # CGS2 on a float32 copy, and only the unit vector is rounded.
+            work = self._scratch_tensors()
+            ops.scale_copy_(work, srcs, 1.0)
+            original = _norm(work)
+            if k:
+                for _ in range(2):
+                    ops.combine_(work, self._basis, ops.dots(self._basis, work, k), -1.0, 1.0)
+            norm = _norm(work)
+        residual = norm / original if original > 0 else 0.0
+        if residual <= self.rtol:
+            for t in row:
+                t.zero_()
+            return False, residual
+        if self._bf16:
+            ops.scale_copy_(row, work, 1.0 / norm)
+        return True, residual
+
+    @torch.no_grad()
+    def collect(self) -> bool:
+        """Adds the current parameters to the basis (orthonormalized at once); returns True.
+
+        A sample that adds no new direction (relative residual <= ``rtol``, e.g. the same
+        weights twice) is refused with a :class:`RankDeficientSampleWarning` and False: the
+        basis does not grow. Every sample, accepted or not, counts towards the mean that
+        ``start_subspace("mean")`` starts from. Raises RuntimeError when the basis is full
+        or after ``start_subspace()``. Syncs with the device (the residual is checked).
+        """
+        if self._in_subspace:
+            raise RuntimeError("collect() after start_subspace(): the subspace is fixed while training in it")
+        if self._k >= self.capacity:
+            raise RuntimeError(f"collect(): the basis is full ({self.capacity} samples); make the TWA with a "
+                               "larger capacity")
+        self._check_params_unchanged(len(self._params))
+        weights = self._weights()
+        accepted, residual = self._add_row(weights)
+        if accepted:
+            self._k += 1
+        else:
+            warnings.warn(f"TWA sample {self._num_samples} adds no new direction (relative residual {residual:.3g} "
+                          f"<= rtol {self.rtol:g}); refused, the basis keeps {self._k} vectors",
+                          RankDeficientSampleWarning, stacklevel=3)  # the caller, past torch.no_grad's wrapper
+        if self._k:
+            self._coef_sum[: self._k] += ops.dots(self._basis, weights, self._k).double().cpu()
+        self._num_samples += 1
+        return accepted
+
+    @torch.no_grad()
+    def start_subspace(self, init: str = "mean", reset_optimizer_state: bool = True) -> None:
+        """Moves the weights into the span of the samples; later ``step()`` calls train in it.
+
+        ``init="mean"``: the mean of all collected samples (the paper's head stage).
+        ``init="current"``: the current weights projected onto the span, P P^T w (the tail
+        stage starts from the last sample, which lies in the span: only rounding changes).
+        ``reset_optimizer_state`` clears the base optimizer's state (momentum, Adam
+        moments), whose full-space history would move the weights out of the span.
+        BatchNorm statistics are not touched: run :func:`wavg_ext.update_bn` next.
+        """
+        if init not in _INITS:
+            raise ValueError(f"init must be 'mean' or 'current', got {init!r}")
+        if not isinstance(reset_optimizer_state, bool):
+            raise TypeError(f"reset_optimizer_state must be a bool, got {type(reset_optimizer_state).__name__}")
+        if self._in_subspace:
+            raise RuntimeError("start_subspace() was already called")
+        if self._k == 0:
+            raise RuntimeError("start_subspace(): the basis is empty; collect() samples first")
+        self._check_params_unchanged(len(self._params))
+        k = self._k
+        if init == "mean":
+            ops.combine_(self._weights(), self._basis, self._coef_sum[:k] / self._num_samples, 1.0, 0.0)
+        else:
+            ops.project_(self._weights(), self._basis, k)
+        if reset_optimizer_state:
+            self.optimizer.state.clear()
+        self._in_subspace = True
+        self._scratch = None
+
+    # ----------------------------------------------------------------- public helpers
+
+    @property
+    def num_basis(self) -> int:
+        """Basis vectors in use (accepted samples)."""
+        return self._k
+
+    @property
+    def num_samples(self) -> int:
+        """``collect()`` calls so far, accepted or not (the samples the mean is taken over)."""
+        return self._num_samples
+
+    @property
+    def in_subspace(self) -> bool:
+        """Whether ``start_subspace()`` was called (steps project the gradients)."""
+        return self._in_subspace
+
+    @property
+    def basis(self) -> List[torch.Tensor]:
+        """The live basis: one ``[capacity, *p.shape]`` tensor per parameter; rows ``[0, num_basis)``
+        are orthonormal (as one whole-model vector each), the others zero."""
+        return list(self._basis)
+
+    @torch.no_grad()
+    def coefficients(self) -> torch.Tensor:
+        """P^T w: the current weights' coordinates in the basis, float64 on the CPU (syncs)."""
+        if self._k == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        return ops.dots(self._basis, self._weights(), self._k).double().cpu()
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _config(self) -> Dict[str, Any]:
+        return {"capacity": self.capacity, "reg": self.reg,
+                "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype),
+                "rtol": self.rtol}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Base optimizer state, the basis (by parameter position), the counters, the samples'
+        coefficient sum and the settings. The basis tensors are the live ones: save or clone them."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "twa": {
+                "version": self._state_version,
+                "method": self.method,
+                "config": self._config(),
+                "num_basis": self._k,
+                "num_samples": self._num_samples,
+                "in_subspace": self._in_subspace,
+                "coefficient_sum": self._coef_sum,
+                "basis": list(self._basis),
+            },
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()``; everything is checked before anything is changed.
+
+        Load the model's weights as well (``model.load_state_dict``): they are not part of it.
+        """
+        twa = self._saved_section(state_dict)
+        basis = twa.get("basis")
+        if not isinstance(basis, (list, tuple)) or len(basis) != len(self._basis):
+            got = len(basis) if isinstance(basis, (list, tuple)) else type(basis).__name__
+            raise ValueError(f"state dict has a basis of {got} tensors, this TWA {len(self._basis)}")
+        _check_saved_tensors("basis", basis, self._basis)
+        k, n, in_subspace = twa.get("num_basis"), twa.get("num_samples"), twa.get("in_subspace")
+        coef = twa.get("coefficient_sum")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.capacity:
+            raise ValueError(f"state dict num_basis {k!r} is not in [0, {self.capacity}]")
+        if isinstance(n, bool) or not isinstance(n, int) or n < k:
+            raise ValueError(f"state dict num_samples {n!r} is not an int >= num_basis ({k})")
+        if not isinstance(in_subspace, bool) or (in_subspace and k == 0):
+            raise ValueError(f"state dict in_subspace {in_subspace!r} is not a bool (or True with an empty basis)")
+        _check_saved_tensors("coefficient_sum", [coef], [self._coef_sum])
+        self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything on mismatch
+        with torch.no_grad():
+            for s, d in zip(basis, self._basis):
+                d.copy_(s)
+            self._coef_sum.copy_(coef)
+        self._k, self._num_samples, self._in_subspace = k, n, in_subspace
+        self._scratch = None
+
+    # ----------------------------------------------------------------- from saved checkpoints
+
+    @classmethod
+    def from_checkpoints(cls, model: nn.Module, optimizer: Optimizer, checkpoints: Sequence[Checkpoint],
+                         capacity: Optional[int] = None, reg: float = 1e-5,
+                         storage_dtype: Optional[torch.dtype] = None, rtol: Optional[float] = None,
+                         init: str = "mean", reset_optimizer_state: bool = True) -> "TWA":
+        """A TWA whose basis holds saved checkpoints, already in the subspace (``start_subspace(init)``).
+
+        ``checkpoints``: a list of model state dicts or paths to them (loaded with
+        ``torch.load(weights_only=True)`` onto the parameters' device). A checkpoint may
+        also be a dict holding the model's state dict under ``"state_dict"`` or
+        ``"model"``; keys may carry a ``"module."`` prefix (DataParallel/DDP). The
+        optimizer's parameters are found in each checkpoint by their names in
+        ``model.named_parameters()``; other entries (buffers, optimizer state) are ignored.
+
+        Every checkpoint is checked (names, shapes) before anything is written, so a bad
+        one raises ValueError/TypeError and leaves the model untouched. The n snapshots
+        are then written into basis rows [0, n) and orthonormalized together
+        (:func:`wavg_ext.ops.orthonormalize_many_`; with a bfloat16 basis, one by one in
+        float32 as ``collect()`` does). Checkpoints that add no new direction are dropped
+        with a :class:`RankDeficientSampleWarning`. ``init="mean"`` starts from the mean of
+        all checkpoints (accumulated in the parameters while loading); ``init="current"``
+        from the model's weights projected onto the span (e.g. the pretrained model of the
+        paper's ImageNet runs; this needs one temporary model-sized buffer for the mean).
+        ``capacity`` defaults to ``len(checkpoints)``. BatchNorm statistics are not loaded:
+        run :func:`wavg_ext.update_bn`.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if init not in _INITS:
+            raise ValueError(f"init must be 'mean' or 'current', got {init!r}")
+        if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
+            raise TypeError(f"checkpoints must be a list of state dicts or paths, got {type(checkpoints).__name__}")
+        checkpoints = list(checkpoints)
+        n = len(checkpoints)
+        if n == 0:
+            raise ValueError("checkpoints is empty")
+        capacity = n if capacity is None else _check_int("capacity", capacity, 1)
+        if capacity < n:
+            raise ValueError(f"capacity {capacity} < {n} checkpoints")
+        twa = cls(optimizer, capacity, reg=reg, storage_dtype=storage_dtype, rtol=rtol)
+        if not isinstance(reset_optimizer_state, bool):
+            raise TypeError(f"reset_optimizer_state must be a bool, got {type(reset_optimizer_state).__name__}")
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        names = [by_id.get(id(p)) for p in twa._params]
+        strangers = [i for i, name in enumerate(names) if name is None]
+        if strangers:
+            raise ValueError(f"optimizer parameter(s) {strangers[:5]} are not parameters of model")
+        for i, ckpt in enumerate(checkpoints):  # everything checked before anything is written
+            twa._read_checkpoint(ckpt, i, names, check_only=True)
+        twa._load_checkpoints(checkpoints, names, init)
+        twa.start_subspace(init, reset_optimizer_state)
+        return twa
+
+    def _read_checkpoint(self, ckpt: Checkpoint, i: int, names: Sequence[str],
+                         check_only: bool = False) -> List[torch.Tensor]:
+        """The parameters' tensors in checkpoint i, in parameter order (ValueError/TypeError
+        naming the checkpoint and key for anything missing or mismatched)."""
+        where = f"checkpoints[{i}]"
+        if isinstance(ckpt, (str, os.PathLike)):
+            where += f" ({os.fspath(ckpt)})"
+            if check_only:  # memory-mapped on the CPU: only what is read is loaded
+                try:
+                    obj = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+                    obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(ckpt, map_location=self._params[0].device, weights_only=True)
+        else:
+            obj = ckpt
+        if isinstance(obj, Mapping):
+            for key in ("state_dict", "model"):
+                if isinstance(obj.get(key), Mapping):
+                    obj = obj[key]
+                    break
+        if not isinstance(obj, Mapping):
+            raise TypeError(f"{where} is a {type(obj).__name__}, not a state dict (or a path to one)")
+        out, missing = [], []
+        for name, p in zip(names, self._params):
+            t = obj.get(name, obj.get("module." + name))
+            if t is None:
+                missing.append(name)
+                continue
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{where}: '{name}' is {got}, not a floating tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"{where}: '{name}' has shape {list(t.shape)}, the model's parameter "
+                                 f"{list(p.shape)}")
+            out.append(t)
+        if missing:
+            raise ValueError(f"{where} has no parameter(s) {missing[:5]}"
+                             f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; "
+                             f"its keys begin {list(obj)[:3]}")
+        return out
+
+    @torch.no_grad()
+    def _load_checkpoints(self, checkpoints: Sequence[Checkpoint], names: Sequence[str], init: str) -> None:
+        n = len(checkpoints)
+        weights = self._weights()
+        mean = weights if init == "mean" else \
+            [torch.empty_like(p, memory_format=torch.preserve_format) for p in weights]
+        refused = 0
+        for i, ckpt in enumerate(checkpoints):
+            srcs = [t.to(device=p.device, dtype=p.dtype)
+                    for t, p in zip(self._read_checkpoint(ckpt, i, names), weights)]
+            ops.running_mean_(mean, srcs, i)
+            if not self._bf16:
+                ops.scale_copy_([b[i] for b in self._basis], srcs, 1.0)
+            elif self._add_row(srcs)[0]:
+                self._k += 1
+            else:
+                refused += 1
+            del srcs
+        if not self._bf16:
+            self._k = ops.orthonormalize_many_(self._basis, 0, n, rtol=self.rtol).accepted
+            refused = n - self._k
+        if refused:
+            warnings.warn(f"{refused} of {n} checkpoints add no new direction (relative residual <= rtol "
+                          f"{self.rtol:g}) and were dropped; the basis has {self._k} vectors",
+                          RankDeficientSampleWarning, stacklevel=4)  # from_checkpoints' caller
+        if self._k == 0:
+            raise RuntimeError("every checkpoint's parameters are zero: there is no subspace to train in")
+        self._num_samples = n
+        self._coef_sum[: self._k] = n * ops.dots(self._basis, mean, self._k).double().cpu()
+        self._scratch = None
