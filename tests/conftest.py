@@ -551,3 +551,78 @@ class Helpers:
 @pytest.fixture
 def h():
     return Helpers
+
+
+class BasisHelpers:
+    """Helpers for the basis ops (dots, combine_, project_, orthonormalize_*): the `hb` fixture."""
+
+    BASIS_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+    # (basis dtype, partner dtype) pairs the ops accept.
+    PAIRS = [(F32, F32), (F32, F16), (F32, BF16), (BF16, F32), (BF16, BF16), (BF16, F16), (F64, F64)]
+    SHAPES = [(3,), (17, 241), (0,), (1,), (4, 3, 5, 7), (70001,)]
+
+    @staticmethod
+    def basis(shapes, capacity, dtype, device="cpu", seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn((capacity, *s), generator=gen, dtype=F64).to(dtype).to(device) for s in shapes]
+
+    @staticmethod
+    def tensors(shapes, dtype, device="cpu", seed=1):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(s, generator=gen, dtype=F64).to(dtype).to(device) for s in shapes]
+
+    @staticmethod
+    def rows(basis, k=None):
+        """The first k rows of a basis as one float64 [k, D] matrix (logical element order)."""
+        cap = basis[0].shape[0]
+        k = cap if k is None else k
+        return torch.cat([b[:k].reshape(k, -1).double().cpu() for b in basis], dim=1)
+
+    @staticmethod
+    def flat(tensors):
+        return torch.cat([t.reshape(-1).double().cpu() for t in tensors])
+
+    @staticmethod
+    def random_walk(shapes, n, capacity=None, dtype=F32, device="cpu", step=1e-2, seed=0):
+        """A basis whose rows 0..n-1 are a random walk w_j = w_{j-1} + step * noise, like
+        SGD checkpoints (nearly collinear)."""
+        from wavg_ext import ops
+        gen = torch.Generator().manual_seed(seed)
+        w = [torch.randn(s, generator=gen) for s in shapes]
+        basis = ops.new_basis(w, capacity or n, dtype=dtype)
+        for j in range(n):
+            for b, x in zip(basis, w):
+                b[j].copy_(x)
+            w = [x + step * torch.randn(x.shape, generator=gen) for x in w]
+        return [b.to(device) for b in basis]
+
+    @staticmethod
+    def orthogonality_error(basis, k):
+        p = BasisHelpers.rows(basis, k)
+        return (p @ p.T - torch.eye(k, dtype=F64)).abs().max().item()
+
+
+@pytest.fixture
+def hb():
+    return BasisHelpers
+
+
+def _max_err(got, oracle):
+    return max(((g.double().cpu() - o.double().cpu()).abs().max().item() if o.numel() else 0.0)
+               for g, o in zip(got, oracle))
+
+
+def _assert_fused_error(what, got, oracle, plain, dtype, floor=None):
+    """flash-attn style: the fused error vs the float64 oracle is at most twice plain
+    PyTorch's error at the same dtypes, plus one rounding of the result dtype (or `floor`:
+    float64 results, whose oracle is no more precise than themselves, pass the size of
+    float64 summation error)."""
+    scale = max((o.abs().max().item() if o.numel() else 0.0) for o in oracle)
+    if floor is None:
+        floor = torch.finfo(dtype).eps * max(scale, 1e-30)
+    err, err_plain = _max_err(got, oracle), _max_err(plain, oracle)
+    assert err <= 2 * err_plain + floor, (
+        f"{what}: max error vs float64 oracle {err:.3g} > 2 * plain PyTorch's {err_plain:.3g} + {floor:.3g}")
+
+
+BasisHelpers.assert_fused_error = staticmethod(_assert_fused_error)

@@ -14,10 +14,11 @@
 // Inside a unit, blocks of elements small enough for the L2 cache are swept once
 // per row tile, so every row is read from memory once per call.
 //
-// Precision: products are accumulated in float32 vectors over runs of kRunElements
-// elements, and each run's sum is added in float64 (float64 throughout for float64
-// tensors). Rounding errors stay at the size of one run's sum, not of the whole
-// dot product, which keeps Gram matrices of nearly collinear rows accurate.
+// Precision: with one partner row (dots, project_, norms: memory-bound) products and
+// sums are float64. Multi-row Gram blocks (the batch path: compute-bound) accumulate
+// products in float32 vectors over runs of kRunElements elements and add each run's
+// sum in float64: rounding errors stay at the size of one run's sum, not of the whole
+// dot product. float64 tensors use float64 throughout.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -117,7 +118,8 @@ inline int64_t cache_block(int64_t rows, size_t elem_bytes) {
 template <typename T>
 using opmath_of = typename OpMath<T>::type;
 
-// acc[mi][mj] += sum over e in [0, n) of a[mi][e] * y[mj][e], in runs (see top).
+// acc[mi][mj] += sum over e in [0, n) of a[mi][e] * y[mj][e], in float32 runs (see top).
+// The Gram blocks of the batch path (compute-bound: every loaded row feeds a tile).
 template <typename a_t, typename y_t, int MI, int MJ>
 void dot_tile(const a_t* const* a, const y_t* const* y, int64_t n, double (*acc)[2]) {
   using opmath_t = opmath_of<a_t>;
@@ -159,15 +161,96 @@ void dot_tile(const a_t* const* a, const y_t* const* y, int64_t n, double (*acc)
   }
 }
 
+using DVec = at::vec::Vectorized<double>;
+
+// The float vector v as two double vectors (its lower and upper halves).
+inline void widen(const at::vec::Vectorized<float>& v, DVec& lo, DVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  lo = DVec(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  hi = DVec(_mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  lo = DVec(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+  hi = DVec(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+  static_assert(at::vec::Vectorized<float>::size() == 2 * DVec::size(), "float/double lanes");
+  alignas(64) float f[at::vec::Vectorized<float>::size()];
+  alignas(64) double d[at::vec::Vectorized<float>::size()];
+  v.store(f);
+  for (int i = 0; i < at::vec::Vectorized<float>::size(); ++i) d[i] = f[i];
+  lo = DVec::loadu(d);
+  hi = DVec::loadu(d + DVec::size());
+#endif
+}
+
+// acc[mi][0] += sum over e of a[mi][e] * y[e] with every product and sum in float64:
+// the dots of one partner (dots, project_, norms) are memory-bound, so the widening
+// is free and the result is as accurate as a float64 dot of the float32 data.
+template <typename a_t, typename y_t, int MI>
+void dot_tile_wide(const a_t* const* a, const y_t* y, int64_t n, double (*acc)[2]) {
+  using opmath_t = opmath_of<a_t>;
+  constexpr int64_t kStep = VecIO<a_t>::kStep;
+  DVec dacc[MI][2];  // two accumulators per row: shorter FMA dependency chains
+  for (int mi = 0; mi < MI; ++mi) dacc[mi][0] = dacc[mi][1] = DVec(0.0);
+  int64_t e = 0;
+  for (; e + kStep <= n; e += kStep) {
+    DVec y4[4];
+    if constexpr (std::is_same_v<opmath_t, double>) {
+      VecIO<y_t>::load(y + e, y4[0], y4[1]);
+    } else {
+      at::vec::Vectorized<float> ylo, yhi;
+      VecIO<y_t>::load(y + e, ylo, yhi);
+      widen(ylo, y4[0], y4[1]);
+      widen(yhi, y4[2], y4[3]);
+    }
+    for (int mi = 0; mi < MI; ++mi) {
+      if constexpr (std::is_same_v<opmath_t, double>) {
+        DVec alo, ahi;
+        VecIO<a_t>::load(a[mi] + e, alo, ahi);
+        dacc[mi][0] = at::vec::fmadd(alo, y4[0], dacc[mi][0]);
+        dacc[mi][1] = at::vec::fmadd(ahi, y4[1], dacc[mi][1]);
+      } else {
+        at::vec::Vectorized<float> alo, ahi;
+        VecIO<a_t>::load(a[mi] + e, alo, ahi);
+        DVec a4[4];
+        widen(alo, a4[0], a4[1]);
+        widen(ahi, a4[2], a4[3]);
+        dacc[mi][0] = at::vec::fmadd(a4[0], y4[0], dacc[mi][0]);
+        dacc[mi][1] = at::vec::fmadd(a4[1], y4[1], dacc[mi][1]);
+        dacc[mi][0] = at::vec::fmadd(a4[2], y4[2], dacc[mi][0]);
+        dacc[mi][1] = at::vec::fmadd(a4[3], y4[3], dacc[mi][1]);
+      }
+    }
+  }
+  for (int mi = 0; mi < MI; ++mi) {
+    double t = 0.0;
+    for (int64_t i = e; i < n; ++i)
+      t = std::fma(static_cast<double>(static_cast<opmath_t>(a[mi][i])),
+                   static_cast<double>(static_cast<opmath_t>(y[i])), t);
+    acc[mi][0] += at::vec::vec_reduce_all<double>([](const DVec& x, const DVec& z) { return x + z; },
+                                                  dacc[mi][0] + dacc[mi][1]) + t;
+  }
+}
+
 template <typename a_t, typename y_t, int MI>
 void dot_tile_mj(int mj, const a_t* const* a, const y_t* const* y, int64_t n, double (*acc)[2]) {
   if (mj == 2) return dot_tile<a_t, y_t, MI, 2>(a, y, n, acc);
   return dot_tile<a_t, y_t, MI, 1>(a, y, n, acc);
 }
 
+// One tile of up to 4 x 2 rows; one partner row (wide) goes through dot_tile_wide.
 template <typename a_t, typename y_t>
-void dot_tile_any(int mi, int mj, const a_t* const* a, const y_t* const* y, int64_t n,
+void dot_tile_any(int mi, int mj, bool wide, const a_t* const* a, const y_t* const* y, int64_t n,
                   double (*acc)[2]) {
+  if (wide) {
+    switch (mi) {
+      case 4: return dot_tile_wide<a_t, y_t, 4>(a, y[0], n, acc);
+      case 3: return dot_tile_wide<a_t, y_t, 3>(a, y[0], n, acc);
+      case 2: return dot_tile_wide<a_t, y_t, 2>(a, y[0], n, acc);
+      default: return dot_tile_wide<a_t, y_t, 1>(a, y[0], n, acc);
+    }
+  }
   switch (mi) {
     case 4: return dot_tile_mj<a_t, y_t, 4>(mj, a, y, n, acc);
     case 3: return dot_tile_mj<a_t, y_t, 3>(mj, a, y, n, acc);
@@ -212,7 +295,7 @@ inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
               const y_t* yp[2];
               for (int r = 0; r < mj; ++r) yp[r] = ybase + (j0 + r) * task.y.row_stride + b;
               double acc[4][2] = {};
-              dot_tile_any<a_t, y_t>(mi, mj, ap, yp, n, acc);
+              dot_tile_any<a_t, y_t>(mi, mj, ny == 1, ap, yp, n, acc);
               for (int r = 0; r < mi; ++r)
                 for (int s = 0; s < mj; ++s) part[(i0 + r) * ny + j0 + s] += acc[r][s];
             }
