@@ -211,33 +211,46 @@ class TWA(_WrappedOptimizer):
     # ----------------------------------------------------------------- collecting samples
 
     @torch.no_grad()
-    def _add_row(self, srcs: Sequence[torch.Tensor]) -> Tuple[bool, float]:
-        """Orthonormalizes the sample ``srcs`` against rows [0, k) into row k; returns (accepted,
-        relative residual). A refused sample leaves row k zero. Syncs (the residual)."""
+    def _add_sample(self, srcs: Sequence[torch.Tensor]) -> Tuple[bool, float]:
+        """Orthonormalizes the sample ``srcs`` against rows [0, k) into row k and adds its
+        coefficients to the samples' sum; returns (accepted, relative residual). A refused
+        sample leaves row k zero. Syncs (the residual)."""
         k = self._k
         row = [b[k] for b in self._basis]
+        coefs: Optional[torch.Tensor] = None
         if not self._bf16:
             ops.scale_copy_(row, srcs, 1.0)
             original = _norm(row)
             norm = float(ops.orthonormalize_(self._basis, k))
         else:
             # The new direction is often smaller than bfloat16's rounding of the sample:
-            # CGS2 on a float32 copy, and only the unit vector is rounded.
+            # CGS2 on a float32 copy, and only the unit vector is rounded. The sample is then
+            # exactly P @ coefs up to that rounding (P^T w would add the rows' departure from
+            # orthonormality, ~1e-3 in bfloat16).
             work = self._scratch_tensors()
             ops.scale_copy_(work, srcs, 1.0)
             original = _norm(work)
-            if k:
-                for _ in range(2):
-                    ops.combine_(work, self._basis, ops.dots(self._basis, work, k), -1.0, 1.0)
+            coefs = torch.zeros(k + 1, dtype=torch.float64)
+            for _ in range(2 if k else 0):
+                c = ops.dots(self._basis, work, k)
+                ops.combine_(work, self._basis, c, -1.0, 1.0)
+                coefs[:k] += c.double().cpu()
             norm = _norm(work)
+            coefs[k] = norm
         residual = norm / original if original > 0 else 0.0
-        if residual <= self.rtol:
+        accepted = residual > self.rtol
+        if not accepted:
             for t in row:
                 t.zero_()
-            return False, residual
-        if self._bf16:
+        elif self._bf16:
             ops.scale_copy_(row, work, 1.0 / norm)
-        return True, residual
+        self._k += accepted
+        if coefs is None:
+            coefs = ops.dots(self._basis, srcs, self._k).double().cpu() if self._k else coefs
+        if self._k:
+            self._coef_sum[: self._k] += coefs[: self._k]
+        self._num_samples += 1
+        return accepted, residual
 
     @torch.no_grad()
     def collect(self) -> bool:
@@ -255,17 +268,11 @@ class TWA(_WrappedOptimizer):
             raise RuntimeError(f"collect(): the basis is full ({self.capacity} samples); make the TWA with a "
                                "larger capacity")
         self._check_params_unchanged(len(self._params))
-        weights = self._weights()
-        accepted, residual = self._add_row(weights)
-        if accepted:
-            self._k += 1
-        else:
-            warnings.warn(f"TWA sample {self._num_samples} adds no new direction (relative residual {residual:.3g} "
+        accepted, residual = self._add_sample(self._weights())
+        if not accepted:
+            warnings.warn(f"TWA sample {self._num_samples - 1} adds no new direction (relative residual {residual:.3g} "
                           f"<= rtol {self.rtol:g}); refused, the basis keeps {self._k} vectors",
                           RankDeficientSampleWarning, stacklevel=3)  # the caller, past torch.no_grad's wrapper
-        if self._k:
-            self._coef_sum[: self._k] += ops.dots(self._basis, weights, self._k).double().cpu()
-        self._num_samples += 1
         return accepted
 
     @torch.no_grad()
@@ -481,29 +488,28 @@ class TWA(_WrappedOptimizer):
     def _load_checkpoints(self, checkpoints: Sequence[Checkpoint], names: Sequence[str], init: str) -> None:
         n = len(checkpoints)
         weights = self._weights()
-        mean = weights if init == "mean" else \
-            [torch.empty_like(p, memory_format=torch.preserve_format) for p in weights]
-        refused = 0
+        mean: List[torch.Tensor] = []
+        if not self._bf16:  # the samples' mean, for its coefficients (a bfloat16 basis gets them from CGS)
+            mean = weights if init == "mean" else \
+                [torch.empty_like(p, memory_format=torch.preserve_format) for p in weights]
         for i, ckpt in enumerate(checkpoints):
             srcs = [t.to(device=p.device, dtype=p.dtype)
                     for t, p in zip(self._read_checkpoint(ckpt, i, names), weights)]
-            ops.running_mean_(mean, srcs, i)
-            if not self._bf16:
-                ops.scale_copy_([b[i] for b in self._basis], srcs, 1.0)
-            elif self._add_row(srcs)[0]:
-                self._k += 1
+            if self._bf16:
+                self._add_sample(srcs)  # collect()'s float32 Gram-Schmidt, checkpoint by checkpoint
             else:
-                refused += 1
+                ops.running_mean_(mean, srcs, i)
+                ops.scale_copy_([b[i] for b in self._basis], srcs, 1.0)
             del srcs
         if not self._bf16:
             self._k = ops.orthonormalize_many_(self._basis, 0, n, rtol=self.rtol).accepted
-            refused = n - self._k
-        if refused:
-            warnings.warn(f"{refused} of {n} checkpoints add no new direction (relative residual <= rtol "
+            self._num_samples = n
+            if self._k:
+                self._coef_sum[: self._k] = n * ops.dots(self._basis, mean, self._k).double().cpu()
+        if self._k < n:
+            warnings.warn(f"{n - self._k} of {n} checkpoints add no new direction (relative residual <= rtol "
                           f"{self.rtol:g}) and were dropped; the basis has {self._k} vectors",
                           RankDeficientSampleWarning, stacklevel=4)  # from_checkpoints' caller
         if self._k == 0:
             raise RuntimeError("every checkpoint's parameters are zero: there is no subspace to train in")
-        self._num_samples = n
-        self._coef_sum[: self._k] = n * ops.dots(self._basis, mean, self._k).double().cpu()
         self._scratch = None
