@@ -53,6 +53,17 @@ static_assert(sizeof(TensorListMetadata<1>) <= 4000 && sizeof(TensorListMetadata
               "metadata must fit the kernel parameter space with room for the functor");
 static_assert(MaxTensors<1>::value <= 255, "block_to_tensor is one byte");
 
+// What a functor is told about its block's chunk: elements [start, start + n) of a
+// tensor of numel elements, and the chunk's index among all chunks of the call (in
+// tensor order, counting from the launcher's work_base): a fixed slot for per-chunk
+// partial results, whatever the launch boundaries.
+struct Chunk {
+  int64_t start;
+  int64_t n;
+  int64_t numel;
+  int64_t work;
+};
+
 // One tensor as the launcher sees it: an address per list and a shared length.
 template <int depth>
 struct TensorEntry {
@@ -62,29 +73,42 @@ struct TensorEntry {
 
 template <int depth, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_kernel(TensorListMetadata<depth> meta, Functor functor, Args... args) {
+    multi_tensor_kernel(TensorListMetadata<depth> meta, int64_t work_base, Functor functor,
+                        Args... args) {
   const int tensor = meta.block_to_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t remaining = meta.numel[tensor] - start;
-  const int64_t n = remaining < kChunkSize ? remaining : kChunkSize;
+  const int64_t numel = meta.numel[tensor];
+  const int64_t remaining = numel - start;
+  const Chunk chunk{start, remaining < kChunkSize ? remaining : kChunkSize, numel,
+                    work_base + static_cast<int64_t>(blockIdx.x)};
   void* ptrs[depth];
 #pragma unroll
   for (int d = 0; d < depth; ++d) ptrs[d] = meta.addresses[d][tensor];
-  functor(ptrs, start, n, args...);
+  functor(ptrs, chunk, args...);
 }
 
-// functor(void* ptrs[depth], int64_t start, int64_t n, args...) runs in every block:
-// elements [start, start + n) of the tensor whose base addresses are ptrs.
+// Chunks of kChunkSize elements the launcher cuts `entries` into (empty tensors: none).
+template <int depth>
+int64_t count_chunks(const std::vector<TensorEntry<depth>>& entries) {
+  int64_t chunks = 0;
+  for (const TensorEntry<depth>& e : entries) chunks += (e.numel + kChunkSize - 1) / kChunkSize;
+  return chunks;
+}
+
+// functor(void* ptrs[depth], const Chunk& chunk, args...) runs in every block: elements
+// [chunk.start, chunk.start + chunk.n) of the tensor whose base addresses are ptrs.
+// Chunk indices start at work_base (calls split into several groups keep them distinct).
 template <int depth, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<TensorEntry<depth>>& entries, cudaStream_t stream,
-                        Functor functor, Args... args) {
+                        int64_t work_base, Functor functor, Args... args) {
   using Meta = TensorListMetadata<depth>;
   Meta meta;
   int tensors = 0;
   int blocks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<depth><<<blocks, kBlockSize, 0, stream>>>(meta, functor, args...);
+    multi_tensor_kernel<depth><<<blocks, kBlockSize, 0, stream>>>(meta, work_base, functor, args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    work_base += blocks;
     blocks = 0;
   };
   for (const TensorEntry<depth>& e : entries) {

@@ -2,6 +2,7 @@
 // for the CUDA dispatch key in register_cuda.cpp).
 #pragma once
 
+#include "../basis_args.h"
 #include "../pair_args.h"
 
 namespace wavg_ext::cuda {
@@ -10,5 +11,12 @@ void running_mean_cuda(PairPlan& plan);
 void ema_cuda(PairPlan& plan);
 void accumulate_cuda(PairPlan& plan);
 void scale_copy_cuda(PairPlan& plan);
+
+// Basis ops with one partner row (plan.ny == 1). rows_dot_cuda writes out[i] = <row i, y>
+// (float64 [na], device) using partials (float64 [row_chunks(plan) * na], device) as
+// scratch; rows_mix_cuda does y <- beta*y + alpha * m @ rows (m: float64 [na], device).
+int64_t row_chunks(const RowPlan& plan);
+void rows_dot_cuda(const RowPlan& plan, double* partials, double* out);
+void rows_mix_cuda(const RowPlan& plan, const double* m, double alpha, double beta);
 
 }  // namespace wavg_ext::cuda

@@ -88,10 +88,11 @@ struct PairFunctor {
   static constexpr int kVec = 16 / (sizeof(out_t) < sizeof(in_t) ? sizeof(out_t) : sizeof(in_t));
   static constexpr int kILP = 4;  // vectors in flight per thread
 
-  __device__ __forceinline__ void operator()(void* ptrs[2], int64_t start, int64_t n,
+  __device__ __forceinline__ void operator()(void* ptrs[2], const Chunk& chunk,
                                              ScalarSource scalar) const {
-    out_t* __restrict__ out = static_cast<out_t*>(ptrs[0]) + start;
-    const in_t* __restrict__ in = static_cast<const in_t*>(ptrs[1]) + start;
+    const int64_t n = chunk.n;
+    out_t* __restrict__ out = static_cast<out_t*>(ptrs[0]) + chunk.start;
+    const in_t* __restrict__ in = static_cast<const in_t*>(ptrs[1]) + chunk.start;
     const auto fn = Op::template bind<opmath_t>(load_scalar(scalar));
     auto apply = [&](out_t a, in_t x) {
       const opmath_t av = Op::kReadsOut ? static_cast<opmath_t>(a) : opmath_t(0);
@@ -148,7 +149,7 @@ inline ScalarSource scalar_source(const ScalarArg& s) {
 template <typename out_t, typename in_t, typename Op>
 void launch_group(const std::vector<TensorEntry<2>>& entries, cudaStream_t stream,
                   const ScalarSource& scalar) {
-  multi_tensor_apply<2>(entries, stream, PairFunctor<out_t, in_t, Op>{}, scalar);
+  multi_tensor_apply<2>(entries, stream, /*work_base=*/0, PairFunctor<out_t, in_t, Op>{}, scalar);
 }
 
 // Runs Op over every pair of the plan: one multi-tensor-apply sequence per
