@@ -496,8 +496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                              "fast calls get up to 25x more)")
     p.add_argument("--cases", metavar="SUBSTR", help="only cases whose id (op-shapes-dtype, or "
                    "step-method-shapes-dtype) contains one of these comma-separated substrings")
-    p.add_argument("--suite", choices=["all", "ops", "wrappers"], default="all",
-                   help="the fused ops, the optimizer wrappers' per-step overhead, or both (default)")
+    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa"], default="all",
+                   help="the fused averaging ops, the optimizer wrappers' per-step overhead, the TWA "
+                        "kernels (projection, orthonormalization), or all of them (default)")
     args = p.parse_args(argv)
 
     cuda_ok = torch.cuda.is_available() and build_info()["cuda"]
@@ -511,16 +512,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.error("--plot needs matplotlib: pip install matplotlib")
     repeats = args.repeats or (5 if args.quick else 20)
     min_time = 0.05 if args.quick else 0.25
-    from . import bench_wrappers
+    from . import bench_twa, bench_wrappers
 
     cases = all_cases() if args.suite in ("all", "ops") else []
     wcases = bench_wrappers.all_cases(args.quick) if args.suite in ("all", "wrappers") else []
+    tcases = bench_twa.all_cases(args.quick) if args.suite in ("all", "twa") else []
     if args.cases:
         subs = args.cases.split(",")
         cases = [c for c in cases if any(s in c.id for s in subs)]
         wcases = [c for c in wcases if any(s in c.id for s in subs)]
-        if not cases and not wcases:
-            names = [c.id for c in all_cases()] + [c.id for c in bench_wrappers.all_cases()]
+        tcases = [c for c in tcases if any(s in c.id for s in subs)]
+        if not cases and not wcases and not tcases:
+            names = [c.id for c in all_cases()] + [c.id for c in bench_wrappers.all_cases()] + \
+                    [c.id for c in bench_twa.all_cases()]
             p.error(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
 
     env = environment(device)
@@ -555,16 +559,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows = bench_wrappers.run_case(wcase, device, rounds, args.quick)
             wrows += rows
             print("\n" + bench_wrappers.format_case(wcase, rows), flush=True)
+    trows = []
+    if tcases:
+        print("\nTWA kernels: projection vs the paper's way and the bandwidth ceilings (same bytes, same run);\n"
+              "orthonormalization of n snapshots vs torch.linalg.qr. GB/s = bytes the method must move / median "
+              "time.", flush=True)
+        for tcase in tcases:
+            rows = bench_twa.run_case(tcase, device, repeats, min_time, args.quick)
+            trows += rows
+            print("\n" + bench_twa.format_case(tcase, rows), flush=True)
     elapsed = time.perf_counter() - t_start
     load = os.getloadavg()[0]
-    print(f"\n{len(cases) + len(wcases)} cases in {elapsed:.1f} s; load average now {load:.2f}")
+    print(f"\n{len(cases) + len(wcases) + len(tcases)} cases in {elapsed:.1f} s; load average now {load:.2f}")
     if load > 0.5 * env["num_threads"] + 1:  # this run itself adds about 1
         print("WARNING: other processes competed for the cores during the run; the timings are noisy.")
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, args=vars(args), repeats=repeats, elapsed_s=elapsed,
-                           rows=[r for _, rows in results for r in rows], wrapper_rows=wrows), f, indent=1)
+                           rows=[r for _, rows in results for r in rows], wrapper_rows=wrows, twa_rows=trows),
+                      f, indent=1)
         print(f"wrote {args.json}")
     if args.plot and results:
         plot(results, env, args.plot)

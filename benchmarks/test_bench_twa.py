@@ -1,0 +1,74 @@
+"""pytest-benchmark suite over the TWA kernels (``python -m wavg_ext.bench --suite twa``).
+
+Each test first checks its method's result once (the projection against the paper's
+dense way, the orthonormalization's orthogonality), then benchmarks it. With
+``--benchmark-disable`` (CI) each body runs once, as a smoke test. No test asserts
+anything about timings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wavg_ext import bench, bench_twa, build_info, ops
+
+CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                               pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")])]
+SHAPES = bench.SHAPE_SETS["resnet50"]()
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def projection_setup(request):
+    storage = torch.float32 if request.param == "fp32" else torch.bfloat16
+    basis = bench_twa._orthonormal_basis(SHAPES, 10, storage, torch.device("cpu"))
+    return request.param, basis
+
+
+@pytest.mark.parametrize("method", ["project_", "paper"])
+def test_projection(benchmark, projection_setup, method):
+    storage, basis = projection_setup
+    benchmark.group = f"project-resnet50-k10-{storage}"
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    p = torch.cat([b.reshape(10, -1).float() for b in basis], dim=1)
+    g = torch.cat([x.reshape(-1) for x in grads])
+    expected = (p @ g) @ p
+
+    def paper():
+        flat = torch.cat([x.reshape(-1) for x in grads])
+        gp = (p @ flat) @ p
+        start = 0
+        for x in grads:
+            x.copy_(gp[start:start + x.numel()].view_as(x))
+            start += x.numel()
+
+    run = (lambda: ops.project_(grads, basis, 10)) if method == "project_" else paper
+    run()
+    got = torch.cat([x.reshape(-1) for x in grads])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["orthonormalize_many_", "sequential_cgs2"])
+def test_orthonormalize(benchmark, device, method):
+    case = bench_twa.OrthoCase("resnet50", 16, limit=600_000)
+    benchmark.group = f"{case.id}-{device}"
+    snaps = [torch.randn(case.n, *s, device=device) for s in case.shape_list()]
+    basis = ops.new_basis([torch.empty(s, device=device) for s in case.shape_list()], case.n)
+
+    def run():
+        for b, s in zip(basis, snaps):
+            b.copy_(s)
+        if method == "orthonormalize_many_":
+            assert ops.orthonormalize_many_(basis, 0, case.n).accepted == case.n
+        else:
+            for j in range(case.n):
+                ops.orthonormalize_(basis, j)
+
+    run()
+    gram = sum(b.reshape(case.n, -1).double() @ b.reshape(case.n, -1).double().T for b in basis)
+    assert (gram - torch.eye(case.n, dtype=torch.float64, device=device)).abs().max() <= 1e-5
+    benchmark(run)

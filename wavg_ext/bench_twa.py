@@ -1,0 +1,284 @@
+"""TWA kernels vs the paper's way (part of ``python -m wavg_ext.bench``, suite ``twa``).
+
+Projection cases (ResNet-50 shapes, k basis rows, basis stored in fp32 or bf16, fp32
+gradients):
+
+- ``project_``: ``wavg_ext.ops.project_`` (dots, then combine_: two passes over the rows);
+  ``dots`` and ``combine_`` alone;
+- ``paper``: the TWA paper's scripts: concatenate all gradients, ``P @ g``, ``c @ P`` with
+  P one fp32 [k, D] matrix, copy back into the gradients (fp32 P even for bf16 cases);
+- ``per_tensor``: a per-tensor matmul loop over the same basis (no concatenation);
+- ceilings on flat fp32 buffers moving the same bytes: ``triad`` (out-of-place
+  ``torch.add(b, c, out=a)``), ``axpy`` (in place) and ``dot`` (``torch.dot``: two
+  read-only streams, the shape of the projection's traffic).
+
+bytes moved by project_: (2k·s + 8)·D (k rows of s bytes read twice, the gradient read
+twice and written once, 4-byte elements); dots and combine_: (k·s + 4)·D.
+
+Orthonormalization case: n random-walk snapshots (each = previous + small noise, like SGD
+checkpoints) of D parameters: ``orthonormalize_many_`` (block CGS2 + Cholesky-QR2),
+n sequential ``orthonormalize_`` calls (CGS2), and ``torch.linalg.qr`` of the [D, n] matrix.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import bench, ops
+
+
+@dataclass(frozen=True)
+class ProjectCase:
+    shapes: str
+    k: int
+    storage: str  # "fp32" or "bf16"
+
+    @property
+    def id(self) -> str:
+        return f"project_-{self.shapes}-k{self.k}-{self.storage}"
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.float32 if self.storage == "fp32" else torch.bfloat16
+
+    def numel(self) -> int:
+        return sum(bench.numel(s) for s in bench.SHAPE_SETS[self.shapes]())
+
+    def project_bytes(self) -> int:
+        s = 4 if self.storage == "fp32" else 2
+        return (2 * self.k * s + 8) * self.numel()
+
+    def pass_bytes(self) -> int:
+        s = 4 if self.storage == "fp32" else 2
+        return (self.k * s + 4) * self.numel()
+
+
+@dataclass(frozen=True)
+class OrthoCase:
+    shapes: str
+    n: int
+    limit: Optional[int] = None  # use only the first tensors of the shape set, up to this many elements
+
+    @property
+    def id(self) -> str:
+        return f"orthonormalize-{self.shapes}-n{self.n}" + (f"-D{self.numel() // 1000}k" if self.limit else "")
+
+    def shape_list(self) -> List[Tuple[int, ...]]:
+        shapes = bench.SHAPE_SETS[self.shapes]()
+        if self.limit is None:
+            return shapes
+        out, total = [], 0
+        for s in shapes:
+            if total + bench.numel(s) > self.limit:
+                continue
+            out.append(s)
+            total += bench.numel(s)
+        return out
+
+    def numel(self) -> int:
+        return sum(bench.numel(s) for s in self.shape_list())
+
+
+def all_cases(quick: bool = False) -> List[object]:
+    cases: List[object] = [ProjectCase("resnet50", k, st) for k in (10, 40) for st in ("fp32", "bf16")]
+    cases.append(OrthoCase("resnet50", 40, limit=2_600_000 if quick else None))
+    if quick:
+        cases = [c for c in cases if not (isinstance(c, ProjectCase) and c.k == 40)]
+    return cases
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int, min_time: float,
+               warmup: int = 2) -> Tuple[float, int]:
+    t = bench.time_it(fn, device, repeats, min_time, warmup=warmup)
+    return statistics.median(t) * 1e3, len(t)
+
+
+def _orthonormal_basis(shapes, k: int, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
+    """k orthonormal rows (random, via the batch path) stored in `dtype`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.empty(s, device=device) for s in shapes]
+    basis = ops.new_basis(params, k, dtype=torch.float32)
+    for b in basis:
+        b.copy_(torch.randn(b.shape, generator=gen, device=device))
+    result = ops.orthonormalize_many_(basis, 0, k)
+    assert result.accepted == k
+    return [b.to(dtype) for b in basis]
+
+
+@torch.no_grad()
+def run_project_case(case: ProjectCase, device: torch.device, repeats: int, min_time: float) -> List[dict]:
+    shapes = bench.SHAPE_SETS[case.shapes]()
+    d = case.numel()
+    gen = torch.Generator(device=device).manual_seed(1)
+    grads = [torch.randn(s, generator=gen, device=device) for s in shapes]
+    basis = _orthonormal_basis(shapes, case.k, case.storage_dtype, device)
+    k = case.k
+    rows: List[dict] = []
+
+    def add(method: str, ms: float, n: int, nbytes: int, note: str) -> None:
+        rows.append(dict(case=case.id, method=method, median_ms=ms, repeats=n, bytes=nbytes,
+                         gbps=nbytes / ms / 1e6, note=note))
+
+    # Ceilings on flat fp32 buffers moving project_'s bytes.
+    nbytes = case.project_bytes()
+    for name, builder in bench.ceilings(nbytes, device).items():
+        m = builder()
+        ms, n = _median_ms(m.run, device, repeats, min_time)
+        add(name, ms, n, nbytes, m.note)
+        del m
+    a = torch.full((nbytes // 8,), 1.0, device=device)
+    b = torch.full_like(a, 0.5)
+    ms, n = _median_ms(lambda: torch.dot(a, b), device, repeats, min_time)
+    add("ceiling_dot", ms, n, nbytes, "torch.dot(a, b): 2 read-only streams, flat buffers")
+    del a, b
+    bench._free(device)
+
+    ms, n = _median_ms(lambda: ops.project_(grads, basis, k), device, repeats, min_time)
+    add("project_", ms, n, nbytes, "wavg_ext.ops.project_: dots + combine_")
+    ms, n = _median_ms(lambda: ops.dots(basis, grads, k), device, repeats, min_time)
+    add("dots", ms, n, case.pass_bytes(), "wavg_ext.ops.dots")
+    coeffs = torch.randn(k, device=device) * 1e-3
+    ms, n = _median_ms(lambda: ops.combine_(grads, basis, coeffs, 1.0, 0.0), device, repeats, min_time)
+    add("combine_", ms, n, case.pass_bytes(), "wavg_ext.ops.combine_(beta=0)")
+
+    # The paper's way: one fp32 [k, D] matrix P, concatenated gradients.
+    p = torch.cat([bb.reshape(k, -1).float() for bb in basis], dim=1)
+
+    def paper():
+        g = torch.cat([x.reshape(-1) for x in grads])
+        gp = (p @ g) @ p
+        start = 0
+        for x in grads:
+            x.copy_(gp[start:start + x.numel()].view_as(x))
+            start += x.numel()
+
+    ms, n = _median_ms(paper, device, repeats, min_time)
+    add("paper", ms, n, (8 * k + 24) * d, "cat(grads); c = P @ g; g = c @ P; copy back (fp32 P)")
+    del p
+    bench._free(device)
+
+    mats = [bb.reshape(k, -1) for bb in basis]
+
+    def per_tensor():
+        c = sum(m.float() @ x.reshape(-1) for m, x in zip(mats, grads))
+        for m, x in zip(mats, grads):
+            x.copy_((c @ m.float()).view_as(x))
+
+    ms, n = _median_ms(per_tensor, device, repeats, min_time)
+    add("per_tensor", ms, n, case.project_bytes(), "per-tensor matmuls: c = sum P_t @ g_t; g_t = c @ P_t")
+
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        r["pct_triad"] = 100.0 * r["gbps"] / by["ceiling_triad"]["gbps"]
+        r["pct_dot"] = 100.0 * r["gbps"] / by["ceiling_dot"]["gbps"]
+        r["pct_copy"] = 100.0 * r["gbps"] / by["ceiling_copy"]["gbps"]
+        r["speedup_vs_paper"] = by["paper"]["median_ms"] / r["median_ms"]
+    return rows
+
+
+@torch.no_grad()
+def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[dict]:
+    shapes = case.shape_list()
+    d = case.numel()
+    gen = torch.Generator(device=device).manual_seed(2)
+    # The snapshots as one [n, D] matrix (row j = w_j = w_{j-1} + 1e-2 noise).
+    snaps = torch.empty(case.n, d, device=device)
+    snaps[0].normal_(generator=gen)
+    for j in range(1, case.n):
+        snaps[j].normal_(generator=gen).mul_(1e-2).add_(snaps[j - 1])
+    basis = ops.new_basis([torch.empty(s, device=device) for s in shapes], case.n)
+
+    def load() -> None:
+        start = 0
+        for bb in basis:
+            m = bb[0].numel()
+            bb.view(case.n, m).copy_(snaps[:, start:start + m])
+            start += m
+
+    rows: List[dict] = []
+    repeats = 1 if (d > 5_000_000 and not quick) else 2
+
+    def timed(method: str, fn: Callable[[], object], note: str, check: Callable[[], float]) -> None:
+        times = []
+        for _ in range(repeats):
+            load()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        rows.append(dict(case=case.id, method=method, median_ms=statistics.median(times) * 1e3,
+                         repeats=repeats, orthogonality=check(), note=note))
+        bench._free(device)
+
+    def basis_orthogonality() -> float:
+        g = torch.zeros(case.n, case.n, dtype=torch.float64, device=device)
+        for bb in basis:
+            m = bb.reshape(case.n, -1).double()
+            g += m @ m.T
+        return (g - torch.eye(case.n, dtype=torch.float64, device=device)).abs().max().item()
+
+    info: Dict[str, str] = {}
+
+    def batch():
+        info["method"] = ops.orthonormalize_many_(basis, 0, case.n).method
+
+    timed("orthonormalize_many_", batch, "block CGS2 + Cholesky-QR2 (CGS2 fallback)", basis_orthogonality)
+    rows[-1]["note"] += f"; took the {info['method']} path"
+
+    def sequential():
+        for j in range(case.n):
+            ops.orthonormalize_(basis, j)
+
+    timed("sequential_cgs2", sequential, f"{case.n} orthonormalize_ calls", basis_orthogonality)
+    del basis
+    bench._free(device)
+
+    q_holder: Dict[str, torch.Tensor] = {}
+
+    def qr():
+        q_holder["q"], _ = torch.linalg.qr(snaps.T)
+
+    def qr_orthogonality() -> float:
+        q = q_holder.pop("q")
+        err = (q.T.double() @ q.double() - torch.eye(case.n, dtype=torch.float64, device=device)).abs().max().item()
+        del q
+        return err
+
+    basis = []  # load() is a no-op for QR
+    timed("torch.linalg.qr", qr, "Householder QR of the [D, n] fp32 matrix (reduced)", qr_orthogonality)
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        r["speedup_vs_qr"] = by["torch.linalg.qr"]["median_ms"] / r["median_ms"]
+        r["n"], r["D"] = case.n, d
+    return rows
+
+
+def run_case(case, device: torch.device, repeats: int, min_time: float, quick: bool) -> List[dict]:
+    if isinstance(case, ProjectCase):
+        return run_project_case(case, device, repeats, min_time)
+    return run_ortho_case(case, device, quick)
+
+
+def format_case(case, rows: List[dict]) -> str:
+    if isinstance(case, ProjectCase):
+        head = (f"{case.id}: D = {case.numel():,}, k = {case.k}, basis {case.storage}, fp32 grads; project_ moves "
+                f"{case.project_bytes() / 1e9:.2f} GB")
+        lines = [head, f"  {'method':<16}{'ms':>10}{'GB/s':>8}{'% triad':>9}{'% dot':>7}{'% copy':>8}{'vs paper':>10}"]
+        for r in rows:
+            lines.append(f"  {r['method']:<16}{r['median_ms']:>10.2f}{r['gbps']:>8.1f}{r['pct_triad']:>8.0f}%"
+                         f"{r['pct_dot']:>6.0f}%{r['pct_copy']:>7.0f}%{r['speedup_vs_paper']:>9.2f}x")
+        return "\n".join(lines)
+    head = f"{case.id}: n = {case.n} random-walk snapshots of D = {case.numel():,} parameters (fp32)"
+    lines = [head, f"  {'method':<22}{'ms':>10}{'max|QtQ-I|':>12}{'vs qr':>9}  note"]
+    for r in rows:
+        lines.append(f"  {r['method']:<22}{r['median_ms']:>10.1f}{r['orthogonality']:>12.2e}"
+                     f"{r['speedup_vs_qr']:>8.2f}x  {r['note']}")
+    return "\n".join(lines)
