@@ -98,6 +98,17 @@ def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int, min
     return statistics.median(t) * 1e3, len(t)
 
 
+def paper_project(p: torch.Tensor, grads: List[torch.Tensor]) -> None:
+    """The TWA paper's projection: concatenate the gradients, c = P @ g, g = c @ P (P one
+    [k, D] matrix), copy back into the gradients."""
+    g = torch.cat([x.reshape(-1) for x in grads])
+    gp = (p @ g) @ p
+    start = 0
+    for x in grads:
+        x.copy_(gp[start:start + x.numel()].view_as(x))
+        start += x.numel()
+
+
 def _orthonormal_basis(shapes, k: int, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
     """k orthonormal rows (random, via the batch path) stored in `dtype`."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -148,16 +159,7 @@ def run_project_case(case: ProjectCase, device: torch.device, repeats: int, min_
 
     # The paper's way: one fp32 [k, D] matrix P, concatenated gradients.
     p = torch.cat([bb.reshape(k, -1).float() for bb in basis], dim=1)
-
-    def paper():
-        g = torch.cat([x.reshape(-1) for x in grads])
-        gp = (p @ g) @ p
-        start = 0
-        for x in grads:
-            x.copy_(gp[start:start + x.numel()].view_as(x))
-            start += x.numel()
-
-    ms, n = _median_ms(paper, device, repeats, min_time)
+    ms, n = _median_ms(lambda: paper_project(p, grads), device, repeats, min_time)
     add("paper", ms, n, (8 * k + 24) * d, "cat(grads); c = P @ g; g = c @ P; copy back (fp32 P)")
     del p
     bench._free(device)

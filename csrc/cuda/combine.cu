@@ -9,13 +9,7 @@ void rows_mix_cuda(const RowPlan& plan, const double* m, double alpha, double be
   if (plan.tasks.empty()) return;
   const c10::cuda::CUDAGuard guard(plan.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
-  const int64_t na = plan.na;
-  for_row_groups(plan, [&](auto a0, auto y0, const std::vector<TensorEntry<2>>& entries,
-                           int64_t work_base) {
-    using a_t = decltype(a0);
-    using y_t = decltype(y0);
-    multi_tensor_apply<2>(entries, stream, work_base, RowMixFunctor<a_t, y_t>{}, na, m, alpha, beta);
-  });
+  launch_rows<RowMixFunctor>(plan, stream, plan.na, m, alpha, beta);
 }
 
 }  // namespace wavg_ext::cuda

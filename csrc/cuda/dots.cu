@@ -16,12 +16,7 @@ void rows_dot_cuda(const RowPlan& plan, double* partials, double* out) {
   const c10::cuda::CUDAGuard guard(plan.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
   const int64_t na = plan.na;
-  for_row_groups(plan, [&](auto a0, auto y0, const std::vector<TensorEntry<2>>& entries,
-                           int64_t work_base) {
-    using a_t = decltype(a0);
-    using y_t = decltype(y0);
-    multi_tensor_apply<2>(entries, stream, work_base, RowDotFunctor<a_t, y_t>{}, na, partials);
-  });
+  launch_rows<RowDotFunctor>(plan, stream, na, partials);
   sum_partials_kernel<<<static_cast<unsigned>(na), kCleanupThreads, 0, stream>>>(
       partials, row_chunks(plan), na, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -156,4 +156,15 @@ void for_row_groups(const RowPlan& plan, const F& f) {
   }
 }
 
+// Launches Functor<a_t, y_t>{} over every dtype group of the plan on the current stream.
+template <template <typename, typename> class Functor, typename... Args>
+void launch_rows(const RowPlan& plan, cudaStream_t stream, Args... args) {
+  for_row_groups(plan, [&](auto a0, auto y0, const std::vector<TensorEntry<2>>& entries,
+                           int64_t work_base) {
+    using a_t = decltype(a0);
+    using y_t = decltype(y0);
+    multi_tensor_apply<2>(entries, stream, work_base, Functor<a_t, y_t>{}, args...);
+  });
+}
+
 }  // namespace wavg_ext::cuda

@@ -112,17 +112,25 @@ def scale_copy_(dsts: TensorList, srcs: TensorList, scale: Scalar = 1.0) -> None
 # set of checks everywhere.
 
 
+def _basis_call(op: str, *args):
+    """Runs basis op `op` on the kernels (eager: the borrowed-list entry; compiling: the
+    registered op) or, for other devices / forced, checks then runs the reference.
+    args[0] and args[1] are the op's two lists (args[0] is the basis for
+    orthonormalize_); the basis decides the device."""
+    basis = args[0] if op in ("dots", "orthonormalize_") else args[1]
+    if not _use_kernels(basis):
+        getattr(_C, "check_" + op.rstrip("_"))(*args)
+        return getattr(reference, op)(*args)
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.wavg_ext, op)(*args)
+    return getattr(_C, op)(*args)
+
+
 def dots(basis: TensorList, xs: TensorList, k: int) -> torch.Tensor:
     """The k inner products c_i = sum over tensors of <basis_t[i], x_t>, i < k, in one pass
     that reads xs once. Returns a float32 tensor [k] (float64 for a float64 basis) on the
-    basis' device; accumulation is float64 across float32 runs."""
-    basis, xs = _as_list("basis", basis), _as_list("xs", xs)
-    if not _use_kernels(basis):
-        _C.check_dots(basis, xs, k)
-        return reference.dots(basis, xs, k)
-    if torch.compiler.is_compiling():
-        return torch.ops.wavg_ext.dots(basis, xs, k)
-    return _C.dots(basis, xs, k)
+    basis' device; products and sums are float64."""
+    return _basis_call("dots", _as_list("basis", basis), _as_list("xs", xs), k)
 
 
 def combine_(outs: TensorList, basis: TensorList, coeffs: torch.Tensor, alpha: float = 1.0,
@@ -131,27 +139,13 @@ def combine_(outs: TensorList, basis: TensorList, coeffs: torch.Tensor, alpha: f
 
     ``coeffs`` is a float32/float64 tensor [k] on the CPU or the basis' device (a device
     tensor is read by the kernel: no host sync). With beta == 0, out is not read."""
-    outs, basis = _as_list("outs", outs), _as_list("basis", basis)
-    if not _use_kernels(basis):
-        _C.check_combine(outs, basis, coeffs, alpha, beta)
-        reference.combine_(outs, basis, coeffs, alpha, beta)
-    elif torch.compiler.is_compiling():
-        torch.ops.wavg_ext.combine_(outs, basis, coeffs, alpha, beta)
-    else:
-        _C.combine_(outs, basis, coeffs, float(alpha), float(beta))
+    _basis_call("combine_", _as_list("outs", outs), _as_list("basis", basis), coeffs, alpha, beta)
 
 
 def project_(grads: TensorList, basis: TensorList, k: int) -> None:
     """g <- P P^T g for every tensor, P = the first k basis rows (assumed orthonormal):
     dots, then combine_, two passes over the rows; no host sync on CUDA."""
-    grads, basis = _as_list("grads", grads), _as_list("basis", basis)
-    if not _use_kernels(basis):
-        _C.check_project(grads, basis, k)
-        reference.project_(grads, basis, k)
-    elif torch.compiler.is_compiling():
-        torch.ops.wavg_ext.project_(grads, basis, k)
-    else:
-        _C.project_(grads, basis, k)
+    _basis_call("project_", _as_list("grads", grads), _as_list("basis", basis), k)
 
 
 def orthonormalize_(basis: TensorList, k: int, passes: int = 2) -> torch.Tensor:
@@ -161,13 +155,7 @@ def orthonormalize_(basis: TensorList, k: int, passes: int = 2) -> torch.Tensor:
     Returns the norm before normalizing (0-dim, float32; float64 for a float64 basis): a
     norm tiny relative to the row's original norm means the row added no new direction.
     A row of norm exactly 0 is left as zeros."""
-    basis = _as_list("basis", basis)
-    if not _use_kernels(basis):
-        _C.check_orthonormalize(basis, k, passes)
-        return reference.orthonormalize_(basis, k, passes)
-    if torch.compiler.is_compiling():
-        return torch.ops.wavg_ext.orthonormalize_(basis, k, passes)
-    return _C.orthonormalize_(basis, k, passes)
+    return _basis_call("orthonormalize_", _as_list("basis", basis), k, passes)
 
 
 from .basis import new_basis, orthonormalize_many_  # noqa: E402
