@@ -421,7 +421,8 @@ def test_from_checkpoints_bad_input_changes_nothing(h, tmp_path):
     cases = [
         (paths + [tmp_path / "short.pt"], {}, ValueError, r"checkpoints\[5\] \(.*short.pt\) has no parameter\(s\) "
                                                           r"\['2.bias'\]"),
-        ([sd, wrong], {}, ValueError, r"checkpoints\[1\]: '0.weight' has shape \[8, 5\], the model's parameter \[8, 6\]"),
+        ([sd, wrong], {}, ValueError,
+         r"checkpoints\[1\]: '0.weight' has shape \[8, 5\], the model's parameter \[8, 6\]"),
         ([sd, ints], {}, TypeError, "'2.bias' is torch.int64"),
         ([sd, [1, 2]], {}, TypeError, r"checkpoints\[1\] is a list"),
         ([sd, {"model": "nope"}], {}, ValueError, r"checkpoints\[1\] has no parameter"),

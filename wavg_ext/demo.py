@@ -551,8 +551,8 @@ def format_table(result: DemoResult) -> str:
     lines = [header, "-" * len(header)]
     for name, r in result.methods.items():
         overhead = result.overhead(name)
-        cells = [r.method, str(len(r.accuracy)), _pct(r.final), _pct(r.best), _pct(r.std_last(k)), _pct(r.improved_share, 0),
-                 _pct(r.no_drop_share, 0), f"{r.train_time:.2f}",
+        cells = [r.method, str(len(r.accuracy)), _pct(r.final), _pct(r.best), _pct(r.std_last(k)),
+                 _pct(r.improved_share, 0), _pct(r.no_drop_share, 0), f"{r.train_time:.2f}",
                  "base" if name == "sgd" else "n/a" if overhead is None else f"{100 * overhead:+.1f}%",
                  f"{sum(r.bn_seconds):.2f}", f"{r.averaging_us_per_step:.1f}"]
         lines.append(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"

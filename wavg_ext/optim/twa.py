@@ -64,6 +64,9 @@ class TWA(_WrappedOptimizer):
     2. multiplies all parameters by ``1 - reg`` (eq. 8 of the paper);
     3. runs the base optimizer's step.
 
+    With a closure (e.g. LBFGS), the gradients are projected each time the closure runs,
+    and the decay is applied before the base step calls it.
+
     Reading of eq. (8), ``w <- (1 - lambda) w - eta P P^T g``: ``reg`` is lambda itself, a
     per-step decay that does not depend on the learning rate (eq. 8 has ``1 - lambda``, not
     ``1 - eta lambda``) and is applied directly to the weights, not fed through momentum.
