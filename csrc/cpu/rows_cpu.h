@@ -353,8 +353,8 @@ void mix_tile(const a_t* const* a, int64_t mi, const opmath_of<a_t> (*coef)[4],
 }
 
 // y_j <- beta * y_j + sum_i m[j * na + i] * a_i for every task (j < ny, i < na).
-// The output rows of a cache block are accumulated in float buffers, two output rows
-// and four a rows at a time (every a load feeds two rows; few memory streams at a
+// The output rows of a cache block are accumulated in float buffers, four output rows
+// and four a rows at a time (every a load feeds four rows; few memory streams at a
 // time), skipping coefficients that are zero at the ends of a row (triangular m).
 // y_aliases_a: the y rows are (some of) the a rows themselves, so a block's new
 // values are written only once every output row of the block is computed.
@@ -390,7 +390,7 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
         const opmath_t beta_o = static_cast<opmath_t>(beta);
         const a_t* abase = static_cast<const a_t*>(task.a.data);
         y_t* ybase = static_cast<y_t*>(task.y.data);
-        std::vector<opmath_t> sums((y_aliases_a ? ny : 2) * block);
+        std::vector<opmath_t> sums((y_aliases_a ? ny : 4) * block);
         auto write_row = [&](int64_t j, int64_t b, int64_t n, const opmath_t* src) {
           y_t* yj = ybase + j * task.y.row_stride + b;
           int64_t e = 0;
@@ -401,9 +401,9 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
         };
         for (int64_t b = unit.begin; b < unit.end; b += block) {
           const int64_t n = std::min(unit.end, b + block) - b;
-          for (int64_t j0 = 0; j0 < ny; j0 += 2) {
-            const int mj = static_cast<int>(std::min<int64_t>(2, ny - j0));
-            opmath_t* acc[2];
+          for (int64_t j0 = 0; j0 < ny; j0 += 4) {
+            const int mj = static_cast<int>(std::min<int64_t>(4, ny - j0));
+            opmath_t* acc[4];
             for (int s = 0; s < mj; ++s) {
               acc[s] = sums.data() + (y_aliases_a ? (j0 + s) : s) * block;
               const y_t* yj = ybase + (j0 + s) * task.y.row_stride + b;
@@ -411,23 +411,24 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
                 acc[s][e] = beta != 0.0 ? static_cast<opmath_t>(yj[e]) * beta_o : opmath_t(0);
               }
             }
-            int64_t i_lo = first_nz[j0], i_hi = last_nz[j0];
-            if (mj == 2) {
-              i_lo = std::min(i_lo, first_nz[j0 + 1]);
-              i_hi = std::max(i_hi, last_nz[j0 + 1]);
+            int64_t i_lo = na, i_hi = 0;
+            for (int s = 0; s < mj; ++s) {
+              i_lo = std::min(i_lo, first_nz[j0 + s]);
+              i_hi = std::max(i_hi, last_nz[j0 + s]);
             }
             for (int64_t i0 = i_lo; i0 < i_hi; i0 += 4) {
               const int64_t mi = std::min<int64_t>(4, i_hi - i0);
               const a_t* ap[4];
-              opmath_t coef[2][4] = {};
+              opmath_t coef[4][4] = {};
               for (int64_t r = 0; r < mi; ++r) {
                 ap[r] = abase + (i0 + r) * task.a.row_stride + b;
                 for (int s = 0; s < mj; ++s) coef[s][r] = static_cast<opmath_t>(m[(j0 + s) * na + i0 + r]);
               }
-              if (mj == 2) {
-                mix_tile<a_t, 2>(ap, mi, coef, acc, n);
-              } else {
-                mix_tile<a_t, 1>(ap, mi, coef, acc, n);
+              switch (mj) {
+                case 4: mix_tile<a_t, 4>(ap, mi, coef, acc, n); break;
+                case 3: mix_tile<a_t, 3>(ap, mi, coef, acc, n); break;
+                case 2: mix_tile<a_t, 2>(ap, mi, coef, acc, n); break;
+                default: mix_tile<a_t, 1>(ap, mi, coef, acc, n); break;
               }
             }
             if (!y_aliases_a) {
