@@ -475,3 +475,36 @@ def test_cuda_steps_never_sync_with_the_host(h, cuda, method):
     for a, b in zip(model.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
     assert math.isfinite(float(opt.averaged_buffers()["1.running_mean"].sum())) if opt.num_averaged else True
+
+
+@pytest.mark.parametrize("method", ["SWA", "TWA"])
+def test_state_dict_without_the_base_optimizer(h, method):
+    """state_dict(optimizer=False) leaves out the base optimizer (saved elsewhere, e.g. with
+    torch.distributed.checkpoint's get_state_dict); load_state_dict(sd, optimizer=False)
+    restores the wrapper's part only; a plain load_state_dict refuses such a dict."""
+    def make():
+        model = h.tiny_model()
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, base, (wavg_ext.SWA(base, start=1) if method == "SWA" else wavg_ext.TWA(base, capacity=3))
+    model, base, opt = make()
+    data = h.batches(6)
+    h.train(model, opt, data, 4)
+    if method == "TWA":
+        opt.collect()
+    sd = opt.state_dict(optimizer=False)
+    assert "optimizer" not in sd and len(sd) == 1
+    model2, base2, opt2 = make()
+    with pytest.raises(ValueError, match="expected keys 'optimizer'"):
+        opt2.load_state_dict(sd)
+    opt2.load_state_dict(sd, optimizer=False)
+    assert base2.state_dict()["state"] == {}  # the base optimizer was not touched
+    mine, theirs = opt.state_dict(optimizer=False), opt2.state_dict(optimizer=False)
+    key = next(iter(mine))
+    for name, value in mine[key].items():
+        other = theirs[key][name]
+        if isinstance(value, list):
+            assert all(torch.equal(a, b) for a, b in zip(value, other)), name
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, other), name
+        else:
+            assert value == other, name

@@ -46,7 +46,7 @@ def _default_forward(model: nn.Module, batch: Any) -> None:
 @torch.no_grad()
 def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
               device: Optional[Union[str, torch.device]] = None, progress: bool = False,
-              forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> int:
+              forward: Optional[Callable[[nn.Module, Any], Any]] = None, process_group: Any = None) -> int:
     """Recomputes the running statistics of every BatchNorm layer of ``model``.
 
     The statistics are reset and re-estimated as a cumulative average (momentum None)
@@ -58,6 +58,13 @@ def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
     mode and each BN layer's momentum are restored afterwards. ``progress`` shows a tqdm
     bar. Returns the number of batches used (0 when the model has no BN layer with
     running statistics: nothing to do).
+
+    Distributed training: with ``process_group`` (e.g. ``torch.distributed.group.WORLD``)
+    every rank recalibrates on its own batches (its shard of a DistributedSampler) and the
+    statistics are then combined with one all-reduce into what one process would compute
+    over all ranks' batches, the same on every rank. Pass the unwrapped model
+    (``ddp.module``): DDP's forward broadcasts rank 0's buffers over the others'. Without
+    ``process_group`` each rank keeps the statistics of its own batches.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,6 +121,9 @@ def update_bn(loader: Iterable, model: nn.Module, fraction: float = 1.0,
             bn.momentum = momentum
         for m, training in modes:
             m.training = training
+    if process_group is not None:
+        from .distributed import update_bn_statistics
+        update_bn_statistics(model, used, process_group)
     return used
 
 

@@ -82,21 +82,33 @@ class _Rows:
     [y0, y0+ny) <- beta*themselves + m @ rows [a0, a0+na). Fused kernels on the CPU,
     float64 matmuls elsewhere."""
 
-    def __init__(self, basis: Sequence[torch.Tensor]):
+    def __init__(self, basis: Sequence[torch.Tensor], vectors=None):
         self.basis = list(basis)
         self.device = basis[0].device
         self.cpu = self.device.type == "cpu" and not _force_reference()
-        self.mats = [_rows(b) for b in basis if b.numel()]
+        # Sharded rows (wavg_ext.distributed.ShardedVectors): local Grams, summed over ranks.
+        self.vectors = vectors if vectors is not None and vectors.is_sharded else None
+        if self.vectors is None:
+            self.parts = [(self.basis, 1.0)]
+        else:
+            self.parts = [([self.basis[i] for i in idx], w) for idx, w in
+                          ((self.vectors._sh, 1.0), (self.vectors._whole, 1.0 / self.vectors.world)) if idx]
 
-    def gram(self, a0: int, na: int, y0: int, ny: int) -> torch.Tensor:
+    def _gram_of(self, basis: List[torch.Tensor], a0: int, na: int, y0: int, ny: int) -> torch.Tensor:
         if self.cpu:
-            return _C.basis_gram(self.basis, a0, na, y0, ny)
+            return _C.basis_gram(basis, a0, na, y0, ny)
         g = torch.zeros(na, ny, dtype=torch.float64, device=self.device)
-        for m in self.mats:
+        for m in (_rows(b) for b in basis if b.numel()):
             for s in range(0, m.shape[1], 1 << 20):  # bounded float64 temporaries
                 a = m[a0:a0 + na, s:s + (1 << 20)].double()
                 y = a if (a0, na) == (y0, ny) else m[y0:y0 + ny, s:s + (1 << 20)].double()
                 g += a @ y.T
+        return g
+
+    def gram(self, a0: int, na: int, y0: int, ny: int) -> torch.Tensor:
+        g = sum(w * self._gram_of(part, a0, na, y0, ny).to(self.device) for part, w in self.parts)
+        if self.vectors is not None:
+            self.vectors.all_reduce(g)
         return g.cpu()
 
     def mix_(self, y0: int, ny: int, a0: int, na: int, coef: torch.Tensor, beta: float) -> None:
@@ -105,7 +117,7 @@ class _Rows:
             _C.basis_mix_(self.basis, y0, ny, a0, na, coef.contiguous(), float(beta))
             return
         c = coef.to(self.device)
-        for m in self.mats:
+        for m in (_rows(b) for b in self.basis if b.numel()):
             op = torch.float64 if m.dtype == torch.float64 else torch.float32
             for s in range(0, m.shape[1], 1 << 20):
                 a = m[a0:a0 + na, s:s + (1 << 20)].to(op)
@@ -122,16 +134,22 @@ def _force_reference() -> bool:
 
 @torch.no_grad()
 def orthonormalize_many_(basis: Sequence[torch.Tensor], k: int, n: int, passes: int = 2,
-                         rtol: Optional[float] = None) -> OrthonormalizeResult:
+                         rtol: Optional[float] = None, vectors=None) -> OrthonormalizeResult:
     """Orthonormalizes rows [k, k + n) of ``basis`` in order, against rows [0, k) (assumed
     orthonormal) and each other, as n calls of ``orthonormalize_`` would, but in a few sweeps.
 
     A row whose relative residual (its norm after removing the earlier rows' span over its
     own norm) is at most ``rtol`` adds no new direction: it is dropped and the later rows
     move up. Returns ``(accepted, residuals, method)``; rows [k + accepted, k + n) are zeroed.
-    ``rtol`` defaults to :func:`default_rtol` of the basis dtype.
+    ``rtol`` defaults to :func:`default_rtol` of the basis dtype. ``vectors``
+    (:class:`wavg_ext.distributed.ShardedVectors`): the basis holds this rank's shards; every
+    Gram matrix (n x n values) is summed over the ranks, nothing else is communicated.
     """
     from . import orthonormalize_  # the fused op of wavg_ext.ops
+
+    if vectors is not None and vectors.is_sharded:
+        def orthonormalize_(b, row, p):  # noqa: F811  (the sharded version)
+            return vectors.orthonormalize_(b, row, p)
 
     basis = list(basis)
     capacity = _C.check_basis("orthonormalize_many_", basis)
@@ -150,7 +168,7 @@ def orthonormalize_many_(basis: Sequence[torch.Tensor], k: int, n: int, passes: 
     if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
         raise ValueError(f"orthonormalize_many_: rtol must be in [0, 1), got {rtol!r}")
 
-    rows = _Rows(basis)
+    rows = _Rows(basis, vectors)
     gram = rows.gram(k, n, k, n)
     original = gram.diagonal().clamp_min(0).sqrt()
     if k > 0:  # block CGS against the rows already in the basis

@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _C, ops
+from ..distributed import is_dtensor, like_param, local_tensor
 from .wrapper import _check_fraction, _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
 __all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA"]
@@ -219,19 +220,29 @@ class WeightAveraging(_WrappedOptimizer):
                 else:
                     other_bufs.append(b)
                     other_names.append(name)
-        sources = [p.detach() for p in params] + float_bufs
+        # DTensor parameters (FSDP2): the kernels run on each rank's local shard and the
+        # averages are shards too, laid out like the parameters' local tensors.
+        sources = [local_tensor(p.detach()) for p in params] + float_bufs
         averages = [torch.empty_like(s, dtype=self._avg_dtype(s), memory_format=torch.preserve_format)
                     for s in sources]
         # One fused call per device (a model split over devices gets one call per device).
         groups: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
-        for s, a in zip(sources, averages):
+        group_of: Dict[torch.device, List[int]] = {}
+        for i, (s, a) in enumerate(zip(sources, averages)):
             g = groups.setdefault(s.device, ([], []))
             g[0].append(a)
             g[1].append(s)
+            group_of.setdefault(s.device, []).append(i)
         for avgs, srcs in groups.values():
             # The ops' own validation (dtype pairs, layouts), now rather than at the first sample.
             _C.check_args("running_mean_", avgs, srcs, 0.0)
         self._num_params = len(params)
+        self._params = params
+        self._float_bufs = float_bufs
+        # FSDP2 may give a parameter a new local tensor (e.g. padding it at its first forward):
+        # sources of DTensor parameters are looked up again before each use.
+        self._dtensor_params = any(is_dtensor(p) for p in params)
+        self._group_indices = list(group_of.values())
         self._averages = averages
         self._groups = list(groups.values())
         self._buffer_names = buffer_names
@@ -321,8 +332,17 @@ class WeightAveraging(_WrappedOptimizer):
         if self.include_period_start:
             self._sample()
 
+    def _refresh_sources(self) -> None:
+        """Re-reads the local tensors of DTensor parameters (a no-op for plain tensors)."""
+        if not self._dtensor_params:
+            return
+        current = [local_tensor(p.detach()) for p in self._params] + self._float_bufs
+        for (_, srcs), indices in zip(self._groups, self._group_indices):
+            srcs[:] = [current[i] for i in indices]
+
     def _sample(self) -> None:
         n = self._num
+        self._refresh_sources()
         for avgs, srcs in self._groups:
             if n == 0:
                 ops.scale_copy_(avgs, srcs, 1.0)
@@ -338,6 +358,7 @@ class WeightAveraging(_WrappedOptimizer):
                      int_values: Sequence[torch.Tensor]) -> None:
         """Copies values into the model's tensors: one list per device group of self._groups,
         aligned with its sources, and the integer buffers' values."""
+        self._refresh_sources()
         for (_, srcs), values in zip(self._groups, values_by_group):
             ops.scale_copy_(srcs, values, 1.0)
         if self._int_buffers:
@@ -372,9 +393,12 @@ class WeightAveraging(_WrappedOptimizer):
     def averaged_parameters(self) -> List[torch.Tensor]:
         """The averages of the parameters, in the base optimizer's parameter order.
 
-        These are the live tensors the wrapper updates; clone them to keep a snapshot.
+        These are the live tensors the wrapper updates; clone them to keep a snapshot. For
+        DTensor parameters (FSDP2) they are DTensors sharded like the parameters.
         """
         self._require_average("averaged_parameters()")
+        if self._dtensor_params:
+            return [like_param(a, p) for a, p in zip(self._averages, self._params)]
         return self._averages[: self._num_params]
 
     def averaged_buffers(self) -> Dict[str, torch.Tensor]:
@@ -455,7 +479,8 @@ class WeightAveraging(_WrappedOptimizer):
             dsts = list(target)
         if len(dsts) != n:
             raise ValueError(f"copy_to: target has {len(dsts)} parameters, the wrapper averages {n}")
-        pairs = list(zip(dsts, self._averages[:n])) + pairs
+        # A DTensor target (FSDP2) gets its local shard from the matching local average.
+        pairs = [(local_tensor(d), a) for d, a in zip(dsts, self._averages[:n])] + pairs
         for i, (dst, avg) in enumerate(pairs):
             if not isinstance(dst, torch.Tensor):
                 raise TypeError(f"copy_to: target[{i}] is a {type(dst).__name__}, not a Tensor")
@@ -485,37 +510,39 @@ class WeightAveraging(_WrappedOptimizer):
             "reset_optimizer_state": self.reset_optimizer_state, "average_buffers": self.average_buffers,
         }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, optimizer: bool = True) -> Dict[str, Any]:
         """Base optimizer state, averages and counters; averages keyed by parameter position.
 
         The tensors are the live ones (like ``Module.state_dict``): save or clone them.
+        ``optimizer=False`` leaves out the base optimizer's state (e.g. to save it through
+        ``torch.distributed.checkpoint.state_dict.get_state_dict`` instead); load such a
+        dict with ``load_state_dict(sd, optimizer=False)``.
         """
         if self._stash is not None:
             raise RuntimeError("state_dict() while swapped: the model holds the averages; swap() back first")
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "averaging": {
-                "version": self._state_version,
-                "method": self.method,
-                "config": self._config(),
-                "step": self._step,
-                "processed": self._processed,
-                "num_averaged": self._num,
-                "period_index": self._period_index,
-                "finished": self._finished,
-                "averages": list(self._averages),
-                "buffer_names": list(self._buffer_names),
-                "integer_buffers": list(self._int_averages),
-                "integer_buffer_names": list(self._int_buffer_names),
-            },
-        }
+        return self._state({
+            "version": self._state_version,
+            "method": self.method,
+            "config": self._config(),
+            "step": self._step,
+            "processed": self._processed,
+            "num_averaged": self._num,
+            "period_index": self._period_index,
+            "finished": self._finished,
+            # DTensors for DTensor parameters (sharded like them, for torch.distributed.checkpoint)
+            "averages": [like_param(a, p) for a, p in zip(self._averages, self._params)] +
+                        self._averages[self._num_params:],
+            "buffer_names": list(self._buffer_names),
+            "integer_buffers": list(self._int_averages),
+            "integer_buffer_names": list(self._int_buffer_names),
+        }, optimizer)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any], optimizer: bool = True) -> None:
         """Restores a ``state_dict()``; everything is checked before anything is changed."""
         if self._stash is not None:
             raise RuntimeError("load_state_dict() while swapped; swap() back first")
-        avg = self._saved_section(state_dict)
-        saved, saved_int = avg["averages"], avg["integer_buffers"]
+        avg = self._saved_section(state_dict, optimizer)
+        saved, saved_int = [local_tensor(t) for t in avg["averages"]], avg["integer_buffers"]
         if len(saved) != len(self._averages) or len(saved_int) != len(self._int_averages):
             raise ValueError(f"state dict has {len(saved)} averages and {len(saved_int)} integer buffers, this "
                              f"wrapper {len(self._averages)} and {len(self._int_averages)}")
@@ -524,7 +551,7 @@ class WeightAveraging(_WrappedOptimizer):
         if list(avg["buffer_names"]) != self._buffer_names or \
                 list(avg["integer_buffer_names"]) != self._int_buffer_names:
             raise ValueError("state dict averages other buffers than this wrapper's module has")
-        self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything on mismatch
+        self._load_base(state_dict, optimizer)
         with torch.no_grad():
             for s, d in zip(saved, self._averages):
                 d.copy_(s)

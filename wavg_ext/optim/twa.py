@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import _C, ops
+from ..distributed import ShardedVectors, basis_like_param, local_tensor, local_part
 from ..ops.basis import default_rtol
 from .wrapper import _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
@@ -39,11 +40,6 @@ Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 class RankDeficientSampleWarning(UserWarning):
     """A TWA sample added no new direction to the basis (its weights already lie in the span of
     the earlier samples, up to ``rtol``) and was refused: the basis did not grow."""
-
-
-def _norm(tensors: Sequence[torch.Tensor]) -> float:
-    """Euclidean norm of a whole-model vector (float64 accumulation across tensors; syncs)."""
-    return float(ops.dots([t.unsqueeze(0) for t in tensors], tensors, 1)) ** 0.5
 
 
 class TWA(_WrappedOptimizer):
@@ -147,7 +143,10 @@ class TWA(_WrappedOptimizer):
             if self.storage_dtype is not None and wide != (self.storage_dtype == torch.float64):
                 raise TypeError(f"parameter {i} is {p.dtype} but storage_dtype is {self.storage_dtype}: float64 "
                                 "parameters need a float64 basis and other parameters a float32/bfloat16 one")
-        detached = [p.detach() for p in params]
+        # FSDP2/DTensor parameters: the basis holds this rank's shard of every row, and every
+        # whole-model inner product is summed over the ranks (k values per projection).
+        self._vectors = ShardedVectors(params)
+        detached = [local_tensor(p.detach()) for p in params]
         basis = ops.new_basis(detached, self.capacity, dtype=self.storage_dtype)
         _C.check_project(detached, basis, 1)  # the ops' own checks (dtype pairs, layouts), now
         self._params = params
@@ -158,7 +157,7 @@ class TWA(_WrappedOptimizer):
     def _weights(self) -> List[torch.Tensor]:
         # Detached afresh at each use: `p.data = ...` (vector_to_parameters, Module.to) gives a
         # parameter new storage that a cached detached view would not see.
-        return [p.detach() for p in self._params]
+        return [local_tensor(p.detach()) for p in self._params]
 
     def _scratch_tensors(self) -> List[torch.Tensor]:
         if self._scratch is None:
@@ -191,7 +190,7 @@ class TWA(_WrappedOptimizer):
             closure = self._projecting(closure)
         if self.reg:
             with torch.no_grad():
-                torch._foreach_mul_(self._params, 1.0 - self.reg)
+                torch._foreach_mul_(self._weights(), 1.0 - self.reg)
         return closure
 
     def _projecting(self, closure: Callable[[], Any]) -> Callable[[], Any]:
@@ -208,8 +207,8 @@ class TWA(_WrappedOptimizer):
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grads.append(p.grad)
-        ops.project_(grads, self._basis, self._k)
+            grads.append(local_tensor(p.grad))
+        self._vectors.project_(grads, self._basis, self._k)
 
     # ----------------------------------------------------------------- collecting samples
 
@@ -223,8 +222,8 @@ class TWA(_WrappedOptimizer):
         coefs: Optional[torch.Tensor] = None
         if not self._bf16:
             ops.scale_copy_(row, srcs, 1.0)
-            original = _norm(row)
-            norm = float(ops.orthonormalize_(self._basis, k))
+            original = self._vectors.norm(row)
+            norm = self._vectors.orthonormalize_(self._basis, k)
         else:
             # The new direction is often smaller than bfloat16's rounding of the sample:
             # CGS2 on a float32 copy, and only the unit vector is rounded. The sample is then
@@ -232,13 +231,13 @@ class TWA(_WrappedOptimizer):
             # orthonormality, ~1e-3 in bfloat16).
             work = self._scratch_tensors()
             ops.scale_copy_(work, srcs, 1.0)
-            original = _norm(work)
+            original = self._vectors.norm(work)
             coefs = torch.zeros(k + 1, dtype=torch.float64)
             for _ in range(2 if k else 0):
-                c = ops.dots(self._basis, work, k)
+                c = self._vectors.dots(self._basis, work, k)
                 ops.combine_(work, self._basis, c, -1.0, 1.0)
                 coefs[:k] += c.double().cpu()
-            norm = _norm(work)
+            norm = self._vectors.norm(work)
             coefs[k] = norm
         residual = norm / original if original > 0 else 0.0
         accepted = residual > self.rtol
@@ -249,7 +248,7 @@ class TWA(_WrappedOptimizer):
             ops.scale_copy_(row, work, 1.0 / norm)
         self._k += accepted
         if coefs is None:
-            coefs = ops.dots(self._basis, srcs, self._k).double().cpu() if self._k else coefs
+            coefs = self._vectors.dots(self._basis, srcs, self._k).double().cpu() if self._k else coefs
         if self._k:
             self._coef_sum[: self._k] += coefs[: self._k]
         self._num_samples += 1
@@ -302,7 +301,7 @@ class TWA(_WrappedOptimizer):
         if init == "mean":
             ops.combine_(self._weights(), self._basis, self._coef_sum[:k] / self._num_samples, 1.0, 0.0)
         else:
-            ops.project_(self._weights(), self._basis, k)
+            self._vectors.project_(self._weights(), self._basis, k)
         if reset_optimizer_state:
             self.optimizer.state.clear()
         self._in_subspace = True
@@ -336,7 +335,7 @@ class TWA(_WrappedOptimizer):
         """P^T w: the current weights' coordinates in the basis, float64 on the CPU (syncs)."""
         if self._k == 0:
             return torch.zeros(0, dtype=torch.float64)
-        return ops.dots(self._basis, self._weights(), self._k).double().cpu()
+        return self._vectors.dots(self._basis, self._weights(), self._k).double().cpu()
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -345,30 +344,32 @@ class TWA(_WrappedOptimizer):
                 "storage_dtype": None if self.storage_dtype is None else str(self.storage_dtype),
                 "rtol": self.rtol}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, optimizer: bool = True) -> Dict[str, Any]:
         """Base optimizer state, the basis (by parameter position), the counters, the samples'
-        coefficient sum and the settings. The basis tensors are the live ones: save or clone them."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "twa": {
-                "version": self._state_version,
-                "method": self.method,
-                "config": self._config(),
-                "num_basis": self._k,
-                "num_samples": self._num_samples,
-                "in_subspace": self._in_subspace,
-                "coefficient_sum": self._coef_sum,
-                "basis": list(self._basis),
-            },
-        }
+        coefficient sum and the settings. The basis tensors are the live ones: save or clone them.
+        ``optimizer=False`` leaves out the base optimizer's state (load with
+        ``load_state_dict(sd, optimizer=False)``)."""
+        return self._state({
+            "version": self._state_version,
+            "method": self.method,
+            "config": self._config(),
+            "num_basis": self._k,
+            "num_samples": self._num_samples,
+            "in_subspace": self._in_subspace,
+            "coefficient_sum": self._coef_sum,
+            # DTensors for DTensor parameters (sharded like them, for torch.distributed.checkpoint)
+            "basis": [basis_like_param(b, p) for b, p in zip(self._basis, self._params)],
+        }, optimizer)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any], optimizer: bool = True) -> None:
         """Restores a ``state_dict()``; everything is checked before anything is changed.
 
         Load the model's weights as well (``model.load_state_dict``): they are not part of it.
         """
-        twa = self._saved_section(state_dict)
+        twa = self._saved_section(state_dict, optimizer)
         basis = twa.get("basis")
+        if isinstance(basis, (list, tuple)):
+            basis = [local_tensor(b) for b in basis]
         if not isinstance(basis, (list, tuple)) or len(basis) != len(self._basis):
             got = len(basis) if isinstance(basis, (list, tuple)) else type(basis).__name__
             raise ValueError(f"state dict has a basis of {got} tensors, this TWA {len(self._basis)}")
@@ -382,7 +383,7 @@ class TWA(_WrappedOptimizer):
         if not isinstance(in_subspace, bool) or (in_subspace and k == 0):
             raise ValueError(f"state dict in_subspace {in_subspace!r} is not a bool (or True with an empty basis)")
         _check_saved_tensors("coefficient_sum", [coef], [self._coef_sum])
-        self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything on mismatch
+        self._load_base(state_dict, optimizer)
         with torch.no_grad():
             for s, d in zip(basis, self._basis):
                 d.copy_(s)
@@ -496,8 +497,8 @@ class TWA(_WrappedOptimizer):
             mean = weights if init == "mean" else \
                 [torch.empty_like(p, memory_format=torch.preserve_format) for p in weights]
         for i, ckpt in enumerate(checkpoints):
-            srcs = [t.to(device=p.device, dtype=p.dtype)
-                    for t, p in zip(self._read_checkpoint(ckpt, i, names), weights)]
+            srcs = [local_part(t, param).to(device=w.device, dtype=w.dtype)
+                    for t, param, w in zip(self._read_checkpoint(ckpt, i, names), self._params, weights)]
             if self._bf16:
                 self._add_sample(srcs)  # collect()'s float32 Gram-Schmidt, checkpoint by checkpoint
             else:
@@ -505,10 +506,10 @@ class TWA(_WrappedOptimizer):
                 ops.scale_copy_([b[i] for b in self._basis], srcs, 1.0)
             del srcs
         if not self._bf16:
-            self._k = ops.orthonormalize_many_(self._basis, 0, n, rtol=self.rtol).accepted
+            self._k = ops.orthonormalize_many_(self._basis, 0, n, rtol=self.rtol, vectors=self._vectors).accepted
             self._num_samples = n
             if self._k:
-                self._coef_sum[: self._k] = n * ops.dots(self._basis, mean, self._k).double().cpu()
+                self._coef_sum[: self._k] = n * self._vectors.dots(self._basis, mean, self._k).double().cpu()
         if self._k < n:
             warnings.warn(f"{n - self._k} of {n} checkpoints add no new direction (relative residual <= rtol "
                           f"{self.rtol:g}) and were dropped; the basis has {self._k} vectors",

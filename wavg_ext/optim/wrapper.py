@@ -156,12 +156,28 @@ class _WrappedOptimizer(Optimizer):
     def _config(self) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def _saved_section(self, state_dict: Any) -> Dict[str, Any]:
+    def _state(self, section: Dict[str, Any], optimizer: bool) -> Dict[str, Any]:
+        """{"optimizer": base optimizer state, <key>: section}, or only the section."""
+        if not isinstance(optimizer, bool):
+            raise TypeError(f"optimizer must be a bool, got {type(optimizer).__name__}")
+        out = {"optimizer": self.optimizer.state_dict()} if optimizer else {}
+        out[self._state_key] = section
+        return out
+
+    def _load_base(self, state_dict: Dict[str, Any], optimizer: bool) -> None:
+        if optimizer:
+            self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything
+
+    def _saved_section(self, state_dict: Any, optimizer: bool = True) -> Dict[str, Any]:
         """The wrapper's own section of ``state_dict`` after checking its header: format,
-        version, method and settings (ValueError naming what differs)."""
+        version, method and settings (ValueError naming what differs). ``optimizer``: the
+        base optimizer's state must be there too."""
         key = self._state_key
-        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or key not in state_dict:
-            raise ValueError(f"not a wavg_ext {key} state dict (expected keys 'optimizer' and '{key}')")
+        if not isinstance(optimizer, bool):
+            raise TypeError(f"optimizer must be a bool, got {type(optimizer).__name__}")
+        if not isinstance(state_dict, dict) or key not in state_dict or (optimizer and "optimizer" not in state_dict):
+            expected = f"'optimizer' and '{key}'" if optimizer else f"'{key}'"
+            raise ValueError(f"not a wavg_ext {key} state dict (expected keys {expected})")
         section = state_dict[key]
         if not isinstance(section, dict):
             raise ValueError(f"state dict['{key}'] is a {type(section).__name__}, not a dict")
