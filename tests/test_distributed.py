@@ -22,14 +22,18 @@ METHODS = ["SWA", "EMA", "PSWA", "TWA"]
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 
-def _torchrun(nproc: int, *args: str) -> None:
+def _torchrun(nproc: int, *args: str) -> str:
+    """Runs `torchrun --standalone --nproc_per_node=nproc *args` (default: the worker) and
+    returns its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if not args or not args[0].startswith("-m") and not args[0].endswith(".py"):
+        args = (str(WORKER), *args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"torchrun --nproc_per_node={nproc} failed ({proc.returncode}):\n{tail}")
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +106,20 @@ def test_update_bn_across_ranks(runs):
     assert bn["spread"] == 0.0
     assert bn["used"] == 24 and bn["num_batches_tracked"] == 48
     torch.testing.assert_close(bn["stats"], bn["reference"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,wrap", [("swa", "fsdp"), ("twa", "fsdp"), ("twa", "ddp")])
+def test_readme_example_runs(tmp_path, method, wrap):
+    """The README's torchrun example (examples/distributed.py), shortened."""
+    out = _torchrun(2, str(HERE.parent / "examples" / "distributed.py"), "--method", method, "--wrap", wrap,
+                    "--epochs", "4", "--checkpoint", str(tmp_path / "ckpt"))
+    assert f"{wrap} on 2 ranks" in out and "test accuracy" in out
+    assert any(tmp_path.joinpath("ckpt").iterdir())
+
+
+def test_distributed_benchmark_runs():
+    out = _torchrun(2, "-m", "wavg_ext.bench_distributed", "--shapes", "many_small", "--k", "3", "--repeats", "2")
+    lines = [line for line in out.splitlines() if line.strip().startswith(("project:", "collect:"))]
+    assert len(lines) == 4
+    sharded = lines[0].split()
+    assert sharded[-2] == "3" and sharded[-1] == "12"  # one all-reduce of k = 3 floats
