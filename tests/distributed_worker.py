@@ -118,25 +118,6 @@ def run_reference(method: str):
     return result(model, wrapper)
 
 
-class AllReduceCounter:
-    """Counts torch.distributed.all_reduce calls and their elements while active."""
-
-    def __init__(self):
-        self.calls, self.numel = 0, 0
-        self._orig = dist.all_reduce
-
-    def __enter__(self):
-        def counting(tensor, *args, **kwargs):
-            self.calls += 1
-            self.numel += tensor.numel()
-            return self._orig(tensor, *args, **kwargs)
-        dist.all_reduce = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._orig
-
-
 def scenario(kind: str, method: str, rank: int, world: int):
     model, wrapper = build(kind, method, world)
     data = batches()
@@ -148,7 +129,7 @@ def scenario(kind: str, method: str, rank: int, world: int):
             x, y = local(data[i], rank, world)
             wrapper.zero_grad()
             ((model(x) - y) ** 2).mean().backward()
-            with AllReduceCounter() as counter:
+            with wavg_ext.distributed.AllReduceCounter() as counter:
                 wrapper.step()
             comm.append((counter.calls, counter.numel))
     else:

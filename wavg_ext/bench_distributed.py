@@ -27,23 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import bench, ops
-from .distributed import ShardedVectors
-
-
-class _Counter:
-    def __init__(self):
-        self.numel = 0
-        self._orig = dist.all_reduce
-
-    def __enter__(self):
-        def counting(tensor, *args, **kwargs):
-            self.numel += tensor.numel()
-            return self._orig(tensor, *args, **kwargs)
-        dist.all_reduce = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._orig
+from .distributed import AllReduceCounter, ShardedVectors
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
@@ -59,7 +43,7 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _floats_per_call(fn: Callable[[], object]) -> int:
-    with _Counter() as c:
+    with AllReduceCounter() as c:
         fn()
     return c.numel
 

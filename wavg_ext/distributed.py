@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 __all__ = ["is_dtensor", "local_tensor", "like_param", "basis_like_param", "local_part", "ShardedVectors",
-           "update_bn_statistics"]
+           "update_bn_statistics", "AllReduceCounter"]
 
 
 def _dtensor_cls():
@@ -206,3 +206,34 @@ def update_bn_statistics(model: torch.nn.Module, counts: int, group=None) -> Non
             start += 2 * n
             if m.num_batches_tracked is not None:
                 m.num_batches_tracked.fill_(int(total))
+
+
+class AllReduceCounter:
+    """Counts the ``torch.distributed.all_reduce`` calls made while active, and their elements
+    (e.g. to check what a sharded TWA step communicates)::
+
+        with AllReduceCounter() as sent:
+            opt.step()
+        assert (sent.calls, sent.numel) == (1, opt.num_basis)
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.numel = 0
+        self._orig = None
+
+    def __enter__(self) -> "AllReduceCounter":
+        import torch.distributed as dist
+        self._orig = orig = dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            self.calls += 1
+            self.numel += tensor.numel()
+            return orig(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+        dist.all_reduce = self._orig

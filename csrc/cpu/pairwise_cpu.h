@@ -113,30 +113,68 @@ constexpr int64_t kItemElements = 32768;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kMinParallelElements = 65536;
 
+// A slice [begin, end) of the elements of array `index` (a pair, a tensor's rows).
+struct WorkItem {
+  int64_t index, begin, end;
+};
+
+// Cuts `count` arrays of numel(i) elements into items of at most `item_elements`,
+// in order; starts[k] = elements before item k, starts.back() = all elements. The cut
+// does not depend on the thread count, so per-item results can be combined in item
+// order into the same bits for any number of threads.
+template <typename Numel>
+void cut_items(size_t count, const Numel& numel, int64_t item_elements, std::vector<WorkItem>& items,
+               std::vector<int64_t>& starts) {
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n = numel(i);
+    for (int64_t b = 0; b < n; b += item_elements) {
+      items.push_back({static_cast<int64_t>(i), b, std::min(n, b + item_elements)});
+      starts.push_back(total);
+      total += items.back().end - b;
+    }
+  }
+  starts.push_back(total);
+}
+
+// Runs body(first_item, last_item) over all items, on up to one thread per
+// min_thread_elements elements (each element weighing `weight`), thread t taking the
+// items that start in its equal share of the elements: equal bytes per thread.
+template <typename Body>
+void for_items(const std::vector<int64_t>& starts, int64_t weight, int64_t min_thread_elements,
+               const Body& body) {
+  const int64_t nitems = static_cast<int64_t>(starts.size()) - 1;
+  if (nitems <= 0) return;
+  const int64_t total = starts.back();
+  const int64_t work = total * weight;
+  const int64_t nthreads = std::min<int64_t>(
+      {at::get_num_threads(), (work + min_thread_elements - 1) / min_thread_elements, nitems});
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    body(0, nitems);
+    return;
+  }
+  auto first_item_at = [&](int64_t t) {
+    const int64_t start = total / nthreads * t + std::min(t, total % nthreads);
+    return static_cast<int64_t>(std::lower_bound(starts.begin(), starts.end() - 1, start) -
+                                starts.begin());
+  };
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) body(first_item_at(t), first_item_at(t + 1));
+  });
+}
+
 // Applies op to every pair of the plan: op.template bind<opmath_t>() gives a
 // callable Vec(Vec out, Vec in) for each opmath type.
 template <bool kReadsOut, typename Op>
 void apply_pairs(const PairPlan& plan, const Op& op) {
-  struct Item {
-    int64_t pair, begin, end;
-  };
-  std::vector<Item> items;
-  std::vector<int64_t> item_start;  // elements before this item, over all items
-  int64_t total = 0;
-  for (size_t p = 0; p < plan.pairs.size(); ++p) {
-    const int64_t n = plan.pairs[p].numel;
-    for (int64_t b = 0; b < n; b += kItemElements) {
-      items.push_back({static_cast<int64_t>(p), b, std::min(n, b + kItemElements)});
-      item_start.push_back(total);
-      total += items.back().end - b;
-    }
-  }
-  if (items.empty()) return;
-
-  auto run_items = [&](int64_t first, int64_t last) {
+  std::vector<WorkItem> items;
+  std::vector<int64_t> starts;
+  cut_items(plan.pairs.size(), [&](size_t p) { return plan.pairs[p].numel; }, kItemElements, items,
+            starts);
+  for_items(starts, 1, kMinParallelElements, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
-      const Item& it = items[k];
-      const PairView& pair = plan.pairs[it.pair];
+      const WorkItem& it = items[k];
+      const PairView& pair = plan.pairs[it.index];
       dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
         using out_t = decltype(o);
         using in_t = decltype(x);
@@ -146,23 +184,6 @@ void apply_pairs(const PairPlan& plan, const Op& op) {
                                           it.end - it.begin, op.template bind<opmath_t>());
       });
     }
-  };
-
-  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(),
-                                             (total + kMinParallelElements - 1) / kMinParallelElements);
-  if (nthreads <= 1 || at::in_parallel_region()) {
-    run_items(0, static_cast<int64_t>(items.size()));
-    return;
-  }
-  // Thread t takes the items that start in [t, t+1) * total / nthreads elements,
-  // so every thread moves about the same number of bytes.
-  auto first_item_at = [&](int64_t t) {
-    const int64_t start = total / nthreads * t + std::min(t, total % nthreads);
-    return static_cast<int64_t>(std::lower_bound(item_start.begin(), item_start.end(), start) -
-                                item_start.begin());
-  };
-  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) run_items(first_item_at(t), first_item_at(t + 1));
   });
 }
 

@@ -63,48 +63,9 @@ void dispatch_rows(c10::ScalarType a, c10::ScalarType y, const F& f) {
   TORCH_CHECK(false, "wavg_ext: unsupported basis/partner dtypes ", a, " / ", y);  // validated
 }
 
-struct RowUnit {
-  int64_t task, begin, end;
-};
-
-// Units of at most kUnitElements elements, in task order, and the elements before each.
-inline void make_units(const RowPlan& plan, std::vector<RowUnit>& units,
-                       std::vector<int64_t>& starts) {
-  int64_t total = 0;
-  for (size_t t = 0; t < plan.tasks.size(); ++t) {
-    const int64_t n = plan.tasks[t].numel;
-    for (int64_t b = 0; b < n; b += kUnitElements) {
-      units.push_back({static_cast<int64_t>(t), b, std::min(n, b + kUnitElements)});
-      starts.push_back(total);
-      total += units.back().end - b;
-    }
-  }
-  starts.push_back(total);
-}
-
-// Runs body(first_unit, last_unit) over all units, split between threads so that
-// each gets about the same number of elements.
-template <typename Body>
-void for_units(const std::vector<int64_t>& starts, int64_t rows, const Body& body) {
-  const int64_t nunits = static_cast<int64_t>(starts.size()) - 1;
-  if (nunits <= 0) return;
-  const int64_t total = starts.back();
-  const int64_t work = total * rows;
-  const int64_t nthreads =
-      std::min<int64_t>({at::get_num_threads(), (work + kMinParallelWork - 1) / kMinParallelWork,
-                         nunits});
-  if (nthreads <= 1 || at::in_parallel_region()) {
-    body(0, nunits);
-    return;
-  }
-  auto first_unit_at = [&](int64_t t) {
-    const int64_t start = total / nthreads * t + std::min(t, total % nthreads);
-    return static_cast<int64_t>(std::lower_bound(starts.begin(), starts.end() - 1, start) -
-                                starts.begin());
-  };
-  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) body(first_unit_at(t), first_unit_at(t + 1));
-  });
+// Units of at most kUnitElements elements of one task, in task order (see cut_items).
+inline void make_units(const RowPlan& plan, std::vector<WorkItem>& units, std::vector<int64_t>& starts) {
+  cut_items(plan.tasks.size(), [&](size_t t) { return plan.tasks[t].numel; }, kUnitElements, units, starts);
 }
 
 // Elements per cache block when `rows` rows of a block must stay in the cache while
@@ -265,7 +226,7 @@ inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
   const int64_t na = plan.na, ny = plan.ny;
   std::fill(out, out + na * ny, 0.0);
   if (na == 0 || ny == 0) return;
-  std::vector<RowUnit> units;
+  std::vector<WorkItem> units;
   std::vector<int64_t> starts;
   make_units(plan, units, starts);
   std::vector<double> partials(units.size() * na * ny, 0.0);
@@ -273,11 +234,11 @@ inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
   // a rows (re-read by every tile of y rows). The other a rows stream.
   const int64_t block = cache_block(ny + std::min<int64_t>(na, 4), 4);
 
-  for_units(starts, na + ny, [&](int64_t first, int64_t last) {
+  for_items(starts, na + ny, kMinParallelWork, [&](int64_t first, int64_t last) {
     std::vector<const void*> arow(na), yrow(ny);
     for (int64_t u = first; u < last; ++u) {
-      const RowUnit& unit = units[u];
-      const RowTask& task = plan.tasks[unit.task];
+      const WorkItem& unit = units[u];
+      const RowTask& task = plan.tasks[unit.index];
       double* part = partials.data() + u * na * ny;
       dispatch_rows(task.a.dtype, task.y.dtype, [&](auto a0, auto y0) {
         using a_t = decltype(a0);
@@ -361,7 +322,7 @@ void mix_tile(const a_t* const* a, int64_t mi, const opmath_of<a_t> (*coef)[4],
 inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_aliases_a) {
   const int64_t na = plan.na, ny = plan.ny;
   if (ny == 0) return;
-  std::vector<RowUnit> units;
+  std::vector<WorkItem> units;
   std::vector<int64_t> starts;
   make_units(plan, units, starts);
   // Kept in cache: the sums of the block's output rows, and all a rows when more than one
@@ -377,10 +338,10 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
     last_nz[j] = hi;
   }
 
-  for_units(starts, na + ny, [&](int64_t first, int64_t last) {
+  for_items(starts, na + ny, kMinParallelWork, [&](int64_t first, int64_t last) {
     for (int64_t u = first; u < last; ++u) {
-      const RowUnit& unit = units[u];
-      const RowTask& task = plan.tasks[unit.task];
+      const WorkItem& unit = units[u];
+      const RowTask& task = plan.tasks[unit.index];
       dispatch_rows(task.a.dtype, task.y.dtype, [&](auto a0, auto y0) {
         using a_t = decltype(a0);
         using y_t = decltype(y0);
