@@ -98,6 +98,7 @@ def main() -> None:
             f"SWA of {opt.num_averaged} samples"
         print(f"{args.wrap} on {world} ranks, {what}: test accuracy {100 * accuracy:.2f}% "
               f"({len(y)} images); checkpoint in {path}")
+    dist.barrier()  # every rank done with its collectives before the group goes away
     dist.destroy_process_group()
 
 

@@ -144,6 +144,29 @@ def scenario(kind: str, method: str, rank: int, world: int):
     return out
 
 
+def snapshots():
+    """Three full model state dicts (as saved by a one-process run): the init plus noise."""
+    gen = torch.Generator().manual_seed(7)
+    base = make_model().state_dict()
+    return [{k: v + 0.1 * j * torch.randn(v.shape, generator=gen) for k, v in base.items()} for j in range(3)]
+
+
+def from_checkpoints_run(kind: str, rank: int, world: int):
+    """TWA.from_checkpoints (batch orthonormalization, sharded under FSDP2), then 6 steps."""
+    model = make_model()
+    if kind == "fsdp":
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    twa = wavg_ext.TWA.from_checkpoints(model, opt, snapshots(), reg=1e-3)
+    data = batches()
+    for i in range(6):
+        x, y = local(data[i], rank, world)
+        twa.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        twa.step()
+    return result(model, twa)
+
+
 def checkpoint_state(model, wrapper):
     base = wrapper.optimizer
     model_sd, optim_sd = get_state_dict(model, base)
@@ -216,11 +239,13 @@ def main() -> None:
                 results[f"{kind}-{method}"] = scenario(kind, method, rank, world)
         for method in ("SWA", "TWA"):
             results[f"ckpt-{method}"] = checkpoint_scenario(method, rank, world, args.out_dir)
+        results["from-checkpoints-fsdp"] = from_checkpoints_run("fsdp", rank, world)
         results["bn"] = bn_scenario(rank, world)
     if rank == 0:
         if not args.resume_from:
             for method in ("SWA", "EMA", "PSWA", "TWA"):
                 results[f"reference-{method}"] = run_reference(method)
+            results["reference-from-checkpoints"] = from_checkpoints_run("plain", 0, 1)
         results["world"] = world
         torch.save(results, os.path.join(args.out_dir, "results.pt"))
     dist.barrier()

@@ -123,6 +123,7 @@ def main(argv=None) -> None:
         print(f"  {'method':<38}{'ms/call':>10}{'floats all-reduced':>20}{'bytes':>14}")
         for name, ms, floats in rows:
             print(f"  {name:<38}{ms:>10.2f}{floats:>20,}{4 * floats:>14,}")
+    dist.barrier()  # every rank done with its collectives before the group goes away
     dist.destroy_process_group()
 
 
