@@ -144,13 +144,22 @@ void RowPlan::finish() {
   temporaries.clear();
 }
 
-RowPlan plan_dots(at::TensorList basis, at::TensorList xs, int64_t k, bool plan_layout) {
+namespace {
+
+// dots and project_: rows [0, k) of the basis against a partner list, k in [1, capacity].
+RowPlan plan_first_rows(const BasisCall& call, at::TensorList basis, at::TensorList xs, int64_t k,
+                        bool plan_layout) {
   RowPlan plan;
-  const BasisCall call{"dots", "basis", "xs", false, false, false};
   const int64_t capacity = validate(call, basis, xs, k, plan_layout ? &plan : nullptr);
   check_k(call.op, k, capacity, basis.empty());
   plan.na = k;
   return plan;
+}
+
+}  // namespace
+
+RowPlan plan_dots(at::TensorList basis, at::TensorList xs, int64_t k, bool plan_layout) {
+  return plan_first_rows({"dots", "basis", "xs", false, false, false}, basis, xs, k, plan_layout);
 }
 
 RowPlan plan_combine(at::TensorList outs, at::TensorList basis, const at::Tensor& coeffs,
@@ -182,12 +191,8 @@ RowPlan plan_combine(at::TensorList outs, at::TensorList basis, const at::Tensor
 }
 
 RowPlan plan_project(at::TensorList grads, at::TensorList basis, int64_t k, bool plan_layout) {
-  RowPlan plan;
-  const BasisCall call{"project_", "basis", "grads", true, true, false};
-  const int64_t capacity = validate(call, basis, grads, k, plan_layout ? &plan : nullptr);
-  check_k(call.op, k, capacity, basis.empty());
-  plan.na = k;
-  return plan;
+  return plan_first_rows({"project_", "basis", "grads", true, true, false}, basis, grads, k,
+                         plan_layout);
 }
 
 int64_t check_basis(const char* op, at::TensorList basis) {
