@@ -131,6 +131,41 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
+// The averaging wrappers hand the parameter objects themselves to the ops, so a
+// parameter whose storage was replaced (`p.data = t`, `Module.half()/.to()`) is
+// read and written where it lives now. What they must notice each step is a
+// parameter *object* replaced in the base optimizer's param_groups, or added or
+// removed behind their back: this compares, by identity, the objects in `groups`
+// (the param_groups' "params" lists, in order) with `params` (the objects the
+// wrapper holds) and returns the positions that differ, or None when the number
+// of tensors differs. Pointer comparisons only: ~1 ns a parameter.
+pybind11::object changed_params(pybind11::handle groups, pybind11::handle params) {
+  auto items_of = [](const char* what, pybind11::handle seq, Py_ssize_t& n) {
+    PyObject* obj = seq.ptr();
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+      throw pybind11::type_error(std::string("changed_params: ") + what + " must be a list, got " +
+                                 Py_TYPE(obj)->tp_name);
+    }
+    n = PySequence_Fast_GET_SIZE(obj);
+    return PySequence_Fast_ITEMS(obj);
+  };
+  Py_ssize_t ngroups, nparams;
+  PyObject** group_items = items_of("groups", groups, ngroups);
+  PyObject** param_items = items_of("params", params, nparams);
+  pybind11::list changed;
+  Py_ssize_t pos = 0;
+  for (Py_ssize_t g = 0; g < ngroups; ++g) {
+    Py_ssize_t n;
+    PyObject** items = items_of("groups[i]", group_items[g], n);
+    if (pos + n > nparams) return pybind11::none();
+    for (Py_ssize_t j = 0; j < n; ++j, ++pos) {
+      if (items[j] != param_items[pos]) changed.append(pos);
+    }
+  }
+  if (pos != nparams) return pybind11::none();
+  return std::move(changed);
+}
+
 // Reads (outs, ins, scalar) from Python for both Python entries, the kernels' fast
 // path and the reference path's checks, and calls f(outs, ins, scalar) with the
 // scalar as a tensor or a double.
@@ -460,6 +495,9 @@ PYBIND11_MODULE(_C, m) {
     wavg_ext::BorrowedTensors b(op.c_str(), "basis", basis);
     return wavg_ext::check_basis(op.c_str(), b.list());
   });
+  m.def("changed_params", &wavg_ext::changed_params,
+        "Positions where the objects of groups (param_groups' params lists, in order) differ "
+        "from params; None when the count differs.");
   m.def("parallel_threads_used", &wavg_ext::parallel_threads_used,
         "Distinct threads one at::parallel_for over get_num_threads() items ran on.");
   // The reference path validates with exactly the checks the kernels use.

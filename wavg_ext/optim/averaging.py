@@ -46,6 +46,24 @@ def fraction_count(fraction: float, length: int) -> int:
     return max(1, min(length, math.ceil(exact * length)))
 
 
+_META_PAIRS: Dict[Tuple[torch.dtype, torch.dtype], bool] = {}
+
+
+def _pair_ok(avg_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether the ops accept an average of ``avg_dtype`` for a tensor of ``dtype``, both ways:
+    averaging the tensor into it and assigning it to the tensor (asked of the ops' own checks)."""
+    key = (avg_dtype, dtype)
+    if key not in _META_PAIRS:
+        a, s = torch.empty(0, dtype=avg_dtype, device="meta"), torch.empty(0, dtype=dtype, device="meta")
+        try:
+            _C.check_args("running_mean_", [a], [s], 0.0)
+            _C.check_args("scale_copy_", [s], [a], 1.0)
+            _META_PAIRS[key] = True
+        except (TypeError, ValueError):
+            _META_PAIRS[key] = False
+    return _META_PAIRS[key]
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -200,59 +218,192 @@ class WeightAveraging(_WrappedOptimizer):
     # ----------------------------------------------------------------- tensors
 
     def _build_tensors(self) -> None:
+        """Reads the parameters (and buffers) to average and makes their averages; assigns
+        nothing until every check has passed."""
         params = self._flat_params()
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"param_groups tensor {i} is a {type(p).__name__}, not a Tensor")
             if not p.is_floating_point():
                 raise TypeError(f"parameter {i} has dtype {p.dtype}; only floating tensors can be averaged")
-        float_bufs: List[torch.Tensor] = []
-        other_bufs: List[torch.Tensor] = []
+        float_slots: List[Tuple[nn.Module, str]] = []
+        int_slots: List[Tuple[nn.Module, str]] = []
         buffer_names: List[str] = []
         other_names: List[str] = []
         if self.average_buffers:
             for name, b in self.module.named_buffers():
                 if b is None:
                     continue
-                if b.is_floating_point():
-                    float_bufs.append(b)
-                    buffer_names.append(name)
-                else:
-                    other_bufs.append(b)
-                    other_names.append(name)
-        # DTensor parameters (FSDP2): the kernels run on each rank's local shard and the
-        # averages are shards too, laid out like the parameters' local tensors.
-        sources = [local_tensor(p.detach()) for p in params] + float_bufs
+                prefix, _, key = name.rpartition(".")
+                slot = (self.module.get_submodule(prefix) if prefix else self.module, key)
+                (float_slots if b.is_floating_point() else int_slots).append(slot)
+                (buffer_names if b.is_floating_point() else other_names).append(name)
+        dtensor_params = any(is_dtensor(p) for p in params)
+        sources = [local_tensor(p.detach()) for p in params] + [m._buffers[k] for m, k in float_slots]
         averages = [torch.empty_like(s, dtype=self._avg_dtype(s), memory_format=torch.preserve_format)
                     for s in sources]
-        # One fused call per device (a model split over devices gets one call per device).
+        for i, (a, s) in enumerate(zip(averages, sources)):
+            if not _pair_ok(a.dtype, s.dtype):
+                what = f"parameter {i}" if i < len(params) else f"buffer '{buffer_names[i - len(params)]}'"
+                raise TypeError(f"{what} is {s.dtype}: average_dtype {a.dtype} cannot average it (the averages "
+                                "must be float32, float64 or the tensor's own dtype)")
+        int_buffers = [m._buffers[k] for m, k in int_slots]
+        param_names: Optional[List[Optional[str]]] = None
+        if self.module is not None:
+            by_id = {id(p): n for n, p in self.module.named_parameters()}
+            param_names = [by_id.get(id(p)) for p in params]
+        # Everything checked: commit.
+        self._num_params = len(params)
+        self._params = params
+        # FSDP2 may give a DTensor parameter a new local tensor (e.g. padding it at its first
+        # forward): their sources are looked up again before each use.
+        self._dtensor_params = dtensor_params
+        self._float_slots = float_slots
+        self._int_slots = int_slots
+        self._averages = averages
+        self._buffer_names = buffer_names
+        self._int_buffer_names = other_names
+        self._int_averages = [b.clone() for b in int_buffers]
+        self._int_buffers_seen = int_buffers
+        self._param_names = param_names
+        self._regroup()
+
+    def _position_name(self, i: int) -> str:
+        """Position i as users know it: "parameter 3 ('fc.weight')" or "buffer 'bn.running_mean'"."""
+        n = self._num_params
+        if i < n:
+            name = self._param_names[i] if self._param_names is not None else None
+            return f"parameter {i}" + (f" ('{name}')" if name else "")
+        return f"buffer '{self._buffer_names[i - n]}'"
+
+    def _current_sources(self) -> List[torch.Tensor]:
+        """The tensors the model uses now, by position: the parameter objects themselves (the
+        ops read and write their current storage, whatever ``p.data = ...`` did), the DTensor
+        parameters' local shards, and the averaged buffers as the module holds them now."""
+        if self._dtensor_params:
+            srcs = [local_tensor(p.detach()) for p in self._params]
+        else:
+            srcs = list(self._params)
+        return srcs + [m._buffers[k] for m, k in self._float_slots]
+
+    def _regroup(self) -> None:
+        """One (averages, sources) pair of lists per device: one fused call per device."""
+        sources = self._current_sources()
         groups: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
         group_of: Dict[torch.device, List[int]] = {}
-        for i, (s, a) in enumerate(zip(sources, averages)):
+        for i, (s, a) in enumerate(zip(sources, self._averages)):
             g = groups.setdefault(s.device, ([], []))
             g[0].append(a)
             g[1].append(s)
             group_of.setdefault(s.device, []).append(i)
-        for avgs, srcs in groups.values():
-            # The ops' own validation (dtype pairs, layouts), now rather than at the first sample.
-            _C.check_args("running_mean_", avgs, srcs, 0.0)
-        self._num_params = len(params)
-        self._params = params
-        self._float_bufs = float_bufs
-        # FSDP2 may give a parameter a new local tensor (e.g. padding it at its first forward):
-        # sources of DTensor parameters are looked up again before each use.
-        self._dtensor_params = any(is_dtensor(p) for p in params)
-        self._group_indices = list(group_of.values())
-        self._averages = averages
         self._groups = list(groups.values())
-        self._buffer_names = buffer_names
-        self._int_buffers = other_bufs
-        self._int_buffer_names = other_names
-        self._int_averages = [b.clone() for b in other_bufs]
-        self._param_names: Optional[List[Optional[str]]] = None
-        if self.module is not None:
-            by_id = {id(p): n for n, p in self.module.named_parameters()}
-            self._param_names = [by_id.get(id(p)) for p in params]
+        self._group_indices = list(group_of.values())
+        self._buffers_seen = sources[self._num_params:]
+
+    def _follow_model(self) -> None:
+        """Makes the wrapper work on the tensors the model holds now (averages follow the model).
+
+        A storage swapped under the same parameter (``p.data = t``, ``Module.half()``/``.to()``)
+        needs nothing here: the ops read and write the parameter itself, and a dtype or device
+        the average no longer pairs with is handled when an op refuses it (:meth:`_adopt`).
+        Parameters replaced in the base optimizer's ``param_groups`` and buffers replaced in
+        the module are taken over. Costs one pointer comparison per parameter (in C++) when
+        nothing changed; parameters added or removed behind the wrapper raise.
+        """
+        changed = _C.changed_params([g["params"] for g in self.optimizer.param_groups], self._params)
+        if changed is None:
+            counts = [len(g["params"]) for g in self.optimizer.param_groups]
+            raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), the "
+                               f"wrapper averages {self._num_params}: parameters were added or removed behind "
+                               "the wrapper; add parameter groups through the wrapper's add_param_group")
+        buffers_changed = any(m._buffers.get(k) is not b for (m, k), b in zip(self._float_slots, self._buffers_seen))
+        if self._int_slots:
+            buffers_changed = buffers_changed or any(m._buffers.get(k) is not b for (m, k), b in
+                                                     zip(self._int_slots, self._int_buffers_seen))
+        if changed or buffers_changed:
+            params = list(self._params)
+            current = self._flat_params()
+            for i in changed:
+                params[i] = current[i]
+            self._adopt(params)
+
+    def _adopt(self, params: Optional[List[torch.Tensor]] = None) -> bool:
+        """Takes over ``params`` (default: the current ones) and the module's current buffers.
+
+        Checks every position first (a shape change or a non-floating tensor raises
+        ValueError/TypeError naming it, and nothing changes), then converts, once, each
+        average whose dtype no longer pairs with its tensor's to the dtype a new wrapper
+        would choose, and moves averages to their tensor's device. Returns whether anything
+        changed.
+        """
+        params = list(self._params) if params is None else params
+        old = (self._params, self._dtensor_params)
+        self._params, self._dtensor_params = params, any(is_dtensor(p) for p in params)
+        try:
+            for i, p in enumerate(params):
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"{self._position_name(i)} was replaced in param_groups by a "
+                                    f"{type(p).__name__}, not a Tensor")
+            for m, k in self._float_slots + self._int_slots:
+                if not isinstance(m._buffers.get(k), torch.Tensor):
+                    raise ValueError(f"buffer '{k}' of a {type(m).__name__} was removed or set to None; the "
+                                     "wrapper averages it")
+            sources = self._current_sources()
+            plans: Dict[int, Tuple[torch.device, torch.dtype]] = {}
+            for i, (a, s) in enumerate(zip(self._averages, sources)):
+                if s.shape != a.shape:
+                    raise ValueError(f"{self._position_name(i)} has shape {list(s.shape)} now, its average "
+                                     f"{list(a.shape)}: an average cannot follow a shape change (make a new wrapper)")
+                if not s.is_floating_point():
+                    raise TypeError(f"{self._position_name(i)} has dtype {s.dtype} now; only floating tensors "
+                                    "can be averaged")
+                dtype = a.dtype if _pair_ok(a.dtype, s.dtype) else self._avg_dtype(s)
+                if s.device != a.device or dtype != a.dtype:
+                    plans[i] = (s.device, dtype)
+            int_buffers = [m._buffers[k] for m, k in self._int_slots]
+            for name, b, a in zip(self._int_buffer_names, int_buffers, self._int_averages):
+                if b.shape != a.shape:
+                    raise ValueError(f"buffer '{name}' has shape {list(b.shape)} now, its copy {list(a.shape)}")
+        except BaseException:
+            self._params, self._dtensor_params = old
+            raise
+        changed = bool(plans) or params is not old[0] and any(p is not q for p, q in zip(params, old[0]))
+        with torch.no_grad():
+            for i, (device, dtype) in plans.items():
+                self._averages[i] = self._averages[i].to(device=device, dtype=dtype,
+                                                         memory_format=torch.preserve_format)
+            for j, b in enumerate(int_buffers):
+                if self._int_averages[j].device != b.device:
+                    self._int_averages[j] = self._int_averages[j].to(b.device)
+                    changed = True
+        self._int_buffers_seen = int_buffers
+        self._regroup()
+        return changed or bool(self._float_slots)
+
+    def _run_ops(self, op: str, scalar: Any,
+                 pick: Callable[[List[torch.Tensor], List[torch.Tensor], List[int]], Tuple[list, list]]) -> None:
+        """Runs ``ops.<op>(outs, ins, scalar)`` for every device group, with ``(outs, ins) =
+        pick(averages, sources, positions)`` of the group. The ops validate everything before
+        they write, so when one refuses the model's tensors (a dtype or device changed under
+        a parameter), the wrapper adopts the model as it is now (:meth:`_adopt`) and runs
+        again; with several device groups all are validated first, so that a refusal never
+        comes after a group was updated."""
+        fn = getattr(ops, op)
+        for attempt in (0, 1):
+            if self._dtensor_params:
+                self._regroup()  # FSDP2 may have given a parameter a new local tensor
+            try:
+                calls = [pick(avgs, srcs, positions) for (avgs, srcs), positions in
+                         zip(self._groups, self._group_indices)]
+                if len(calls) > 1:
+                    for outs, ins in calls:
+                        _C.check_args(op, outs, ins, scalar)
+                for outs, ins in calls:
+                    fn(outs, ins, scalar)
+                return
+            except (TypeError, ValueError):
+                if attempt or not self._adopt():
+                    raise
 
     def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.average_dtype is not None:
@@ -267,8 +418,18 @@ class WeightAveraging(_WrappedOptimizer):
             raise RuntimeError(
                 "add_param_group after weights were averaged would give the new parameters an average of "
                 "fewer samples than the others; call reset() first")
-        self.optimizer.add_param_group(param_group)
-        self._build_tensors()
+        if self._dtensor_params:
+            raise RuntimeError("add_param_group is not supported for DTensor (FSDP2) parameters; wrap the "
+                               "optimizer after adding its groups")
+        self._follow_model()
+        groups_before = len(self.optimizer.param_groups)
+        self.optimizer.add_param_group(param_group)  # validates before it appends
+        try:
+            self._build_tensors()
+        except BaseException:
+            # The group's parameters cannot be averaged: leave the base optimizer as it was.
+            del self.optimizer.param_groups[groups_before:]
+            raise
 
     # The engine's host-side counters change every step: traced by dynamo they would
     # become guards and force a recompilation per step, so the engine stays eager.
@@ -277,8 +438,8 @@ class WeightAveraging(_WrappedOptimizer):
         if self._stash is not None:
             raise RuntimeError("the model holds the averaged weights (swap() or averaged() is active); "
                                "call swap() again before training")
-        self._check_params_unchanged(self._num_params)
-        if self._processed < self._step:  # position 0: the weights before the first step
+        self._follow_model()
+        if self._processed < self._step:  # position 0 (or a position whose events failed): run it now
             self._run_position(self._step)
         return closure
 
@@ -305,64 +466,63 @@ class WeightAveraging(_WrappedOptimizer):
         return i % self.every == 0
 
     def _run_position(self, position: int) -> None:
+        """Runs the events of ``position``: a sample, then a period end. A position counts as
+        processed once its events are done; one whose sample raised (nothing written) runs
+        again at the next step. An exception from ``on_assign`` propagates only after the
+        period end's bookkeeping (reset, counters, the next period's first sample) is done."""
+        deferred: Optional[BaseException] = None
+        if not self._finished and position >= self.start:
+            if self._is_sample(position):
+                self._sample()
+            rel = position - self.start
+            if self.period is not None and rel > 0 and rel % self.period == 0:
+                deferred = self._period_end()
         self._processed = position
-        if self._finished or position < self.start:
-            return
-        if self._is_sample(position):
-            self._sample()
-        rel = position - self.start
-        if self.period is not None and rel > 0 and rel % self.period == 0:
-            self._period_end()
+        if deferred is not None:
+            raise deferred
 
-    def _period_end(self) -> None:
+    def _period_end(self) -> Optional[BaseException]:
+        """Assigns (then ``on_assign``, which sees the period's average still in place),
+        resets and counts the period; returns ``on_assign``'s exception, if any, for
+        :meth:`_run_position` to raise once this bookkeeping is complete."""
+        deferred: Optional[BaseException] = None
         if self.assign:
-            self._write_model([avgs for avgs, _ in self._groups], self._int_averages)
-            if self.reset_optimizer_state:
-                self.optimizer.state.clear()
-            if self.on_assign is not None:
-                self.on_assign()
-        elif self.reset_optimizer_state:
+            self._write_model(self._averages, self._int_averages)
+        if self.reset_optimizer_state:
             self.optimizer.state.clear()
+        if self.assign and self.on_assign is not None:
+            try:
+                self.on_assign()
+            except Exception as e:  # noqa: BLE001 (re-raised by _run_position)
+                deferred = e
         self._period_index += 1
         if self.periods is not None and self._period_index >= self.periods:
             self._finished = True
-            return
+            return deferred
         if self.reset_at_period_end:
             self._num = 0
         if self.include_period_start:
             self._sample()
-
-    def _refresh_sources(self) -> None:
-        """Re-reads the local tensors of DTensor parameters (a no-op for plain tensors)."""
-        if not self._dtensor_params:
-            return
-        current = [local_tensor(p.detach()) for p in self._params] + self._float_bufs
-        for (_, srcs), indices in zip(self._groups, self._group_indices):
-            srcs[:] = [current[i] for i in indices]
+        return deferred
 
     def _sample(self) -> None:
         n = self._num
-        self._refresh_sources()
-        for avgs, srcs in self._groups:
-            if n == 0:
-                ops.scale_copy_(avgs, srcs, 1.0)
-            elif self.rule == "mean":
-                ops.running_mean_(avgs, srcs, n)
-            else:
-                ops.ema_(avgs, srcs, self.momentum)
-        if self._int_buffers:
-            torch._foreach_copy_(self._int_averages, self._int_buffers)
+        if n == 0:
+            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, _: (avgs, srcs))
+        elif self.rule == "mean":
+            self._run_ops("running_mean_", n, lambda avgs, srcs, _: (avgs, srcs))
+        else:
+            self._run_ops("ema_", self.momentum, lambda avgs, srcs, _: (avgs, srcs))
+        if self._int_slots:
+            torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
         self._num = n + 1
 
-    def _write_model(self, values_by_group: Sequence[Sequence[torch.Tensor]],
-                     int_values: Sequence[torch.Tensor]) -> None:
-        """Copies values into the model's tensors: one list per device group of self._groups,
-        aligned with its sources, and the integer buffers' values."""
-        self._refresh_sources()
-        for (_, srcs), values in zip(self._groups, values_by_group):
-            ops.scale_copy_(srcs, values, 1.0)
-        if self._int_buffers:
-            torch._foreach_copy_(self._int_buffers, list(int_values))
+    def _write_model(self, values: Sequence[torch.Tensor], int_values: Sequence[torch.Tensor]) -> None:
+        """Copies ``values`` (one per position: parameters, then averaged buffers) and the
+        integer buffers' values into the tensors the model uses now (cast to their dtypes)."""
+        self._run_ops("scale_copy_", 1.0, lambda _, srcs, positions: (srcs, [values[i] for i in positions]))
+        if self._int_slots:
+            torch._foreach_copy_(self._int_buffers_seen, list(int_values))
 
     # ----------------------------------------------------------------- public helpers
 
@@ -415,15 +575,18 @@ class WeightAveraging(_WrappedOptimizer):
         weights an exchange would round them), so swapping back and forth loses nothing.
         Training (step) is refused while swapped.
         """
+        self._follow_model()
         if self._stash is None:
             self._require_average("swap()")
-            stash = [[s.clone(memory_format=torch.preserve_format) for s in srcs] for _, srcs in self._groups]
-            int_stash = [b.clone() for b in self._int_buffers]
-            self._write_model([avgs for avgs, _ in self._groups], self._int_averages)
+            with torch.no_grad():
+                stash = [s.detach().clone(memory_format=torch.preserve_format) for s in self._current_sources()]
+                int_stash = [b.clone() for b in self._int_buffers_seen]
+            self._write_model(self._averages, self._int_averages)
             self._stash = (stash, int_stash)
         else:
-            (stash, int_stash), self._stash = self._stash, None
+            stash, int_stash = self._stash
             self._write_model(stash, int_stash)
+            self._stash = None
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
@@ -538,30 +701,63 @@ class WeightAveraging(_WrappedOptimizer):
         }, optimizer)
 
     def load_state_dict(self, state_dict: Dict[str, Any], optimizer: bool = True) -> None:
-        """Restores a ``state_dict()``; everything is checked before anything is changed."""
+        """Restores a ``state_dict()``. Everything is checked first (settings, counters as
+        non-negative ints, tensor count, shapes, dtypes, finite averages); the base optimizer
+        is loaded next and restored if anything fails after it, so a failing call changes
+        nothing."""
         if self._stash is not None:
             raise RuntimeError("load_state_dict() while swapped; swap() back first")
+        self._follow_model()
         avg = self._saved_section(state_dict, optimizer)
-        saved, saved_int = [local_tensor(t) for t in avg["averages"]], avg["integer_buffers"]
+        step = _saved_int(avg, "step", 0)
+        processed = _saved_int(avg, "processed", -1)
+        num = _saved_int(avg, "num_averaged", 0)
+        period_index = _saved_int(avg, "period_index", 0)
+        finished = avg.get("finished")
+        if not isinstance(finished, bool):
+            raise ValueError(f"state dict 'finished' must be a bool, got {finished!r}")
+        if processed not in (step - 1, step):
+            raise ValueError(f"state dict 'processed' ({processed}) must be 'step' ({step}) or one less")
+        saved, saved_int = avg.get("averages"), avg.get("integer_buffers")
+        if not isinstance(saved, (list, tuple)) or not isinstance(saved_int, (list, tuple)):
+            raise ValueError("state dict 'averages' and 'integer_buffers' must be lists of tensors")
+        saved = [local_tensor(t) for t in saved]
         if len(saved) != len(self._averages) or len(saved_int) != len(self._int_averages):
             raise ValueError(f"state dict has {len(saved)} averages and {len(saved_int)} integer buffers, this "
                              f"wrapper {len(self._averages)} and {len(self._int_averages)}")
         _check_saved_tensors("averages", saved, self._averages)
         _check_saved_tensors("integer_buffers", saved_int, self._int_averages)
-        if list(avg["buffer_names"]) != self._buffer_names or \
-                list(avg["integer_buffer_names"]) != self._int_buffer_names:
+        if num > 0:  # one pass over the averages: a damaged checkpoint must not become the model
+            bad = [i for i, t in enumerate(saved) if t.numel() and not bool(torch.isfinite(t).all())]
+            if bad:
+                raise ValueError(f"state dict averages[{bad[0]}] ({self._position_name(bad[0])}) holds NaN or inf")
+        if list(avg.get("buffer_names", ())) != self._buffer_names or \
+                list(avg.get("integer_buffer_names", ())) != self._int_buffer_names:
             raise ValueError("state dict averages other buffers than this wrapper's module has")
-        self._load_base(state_dict, optimizer)
-        with torch.no_grad():
-            for s, d in zip(saved, self._averages):
-                d.copy_(s)
-            for s, d in zip(saved_int, self._int_averages):
-                d.copy_(s)
-        self._step = int(avg["step"])
-        self._processed = int(avg["processed"])
-        self._num = int(avg["num_averaged"])
-        self._period_index = int(avg["period_index"])
-        self._finished = bool(avg["finished"])
+        # Device copies made before anything is changed: the commit below cannot fail halfway.
+        new = [s.to(device=d.device) for s, d in zip(saved, self._averages)]
+        new_int = [s.to(device=d.device) for s, d in zip(saved_int, self._int_averages)]
+
+        def commit() -> None:
+            with torch.no_grad():
+                for s, d in zip(new, self._averages):
+                    d.copy_(s)
+                for s, d in zip(new_int, self._int_averages):
+                    d.copy_(s)
+            self._step, self._processed, self._num = step, processed, num
+            self._period_index, self._finished = period_index, finished
+
+        self._load_base_then(state_dict, optimizer, commit)
+
+
+def _saved_int(section: Dict[str, Any], key: str, minimum: int) -> int:
+    """A counter of a saved state: a Python int >= minimum (not a bool, a string or a float)."""
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"state dict '{key}' must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"state dict '{key}' must be >= {minimum}, got {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- the paper methods

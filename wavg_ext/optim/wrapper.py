@@ -11,6 +11,7 @@ the header check of the wrappers' ``state_dict`` sections.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Callable, Dict, List, Optional
@@ -167,6 +168,20 @@ class _WrappedOptimizer(Optimizer):
     def _load_base(self, state_dict: Dict[str, Any], optimizer: bool) -> None:
         if optimizer:
             self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything
+
+    def _load_base_then(self, state_dict: Dict[str, Any], optimizer: bool, commit: Callable[[], None]) -> None:
+        """Loads the base optimizer's section (when ``optimizer``), then runs ``commit``; if
+        either raises, the base optimizer's state and param_groups are put back as they were."""
+        if not optimizer:
+            commit()
+            return
+        before = copy.deepcopy(self.optimizer.state_dict())  # the live tensors would change under us
+        try:
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            commit()
+        except BaseException:
+            self.optimizer.load_state_dict(before)
+            raise
 
     def _saved_section(self, state_dict: Any, optimizer: bool = True) -> Dict[str, Any]:
         """The wrapper's own section of ``state_dict`` after checking its header: format,
