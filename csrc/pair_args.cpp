@@ -27,21 +27,27 @@ const OpSpec& spec_by_name(const std::string& name) {
   TORCH_CHECK_VALUE(false, "wavg_ext: unknown op '", name, "'");
 }
 
+// Averages are the input's dtype, float32 for float16/bfloat16 inputs, or float64
+// for any input (a float64 average does not stagnate where a float32 one would);
+// assignments go either way between those.
+bool pair_allowed(PairRule rule, c10::ScalarType out, c10::ScalarType in) {
+  using c10::ScalarType;
+  if (out == in || out == ScalarType::Double) return true;
+  if (out == ScalarType::Float && is_reduced_dtype(in)) return true;
+  return rule == PairRule::kCast && (in == ScalarType::Double ||
+                                     (is_reduced_dtype(out) && in == ScalarType::Float));
+}
+
 namespace {
 
 using c10::ScalarType;
 
-bool pair_allowed(PairRule rule, ScalarType out, ScalarType in) {
-  if (out == in) return true;
-  if (out == ScalarType::Float && is_reduced_dtype(in)) return true;
-  return rule == PairRule::kCast && is_reduced_dtype(out) && in == ScalarType::Float;
-}
-
 std::string pair_rule_text(PairRule rule) {
   return rule == PairRule::kAverage
-             ? "it must be float32 or the same dtype as its input"
-             : "the two must have the same dtype, or one must be float32 and the other "
-               "float16/bfloat16";
+             ? "it must be float64, float32 (for a float16/bfloat16 input) or the same dtype "
+               "as its input"
+             : "the two must have the same dtype, or one must be float64, or one float32 and "
+               "the other float16/bfloat16";
 }
 
 // Validates the lists. With a plan, it also records each non-empty pair that is

@@ -17,8 +17,8 @@ namespace wavg_ext {
 
 // Which (out dtype, in dtype) pairs an op accepts.
 enum class PairRule {
-  kAverage,  // out is float32 or in's dtype: averages / sums of params
-  kCast,     // same dtype, or float32 <-> float16/bfloat16 either way: assignments
+  kAverage,  // out is in's dtype, float32 for float16/bfloat16 in, or float64: averages / sums
+  kCast,     // same dtype, float64 <-> any, or float32 <-> float16/bfloat16: assignments
 };
 
 // What an op requires of its scalar argument when it is known on the host.
@@ -36,6 +36,9 @@ struct OpSpec {
   ScalarRule scalar_rule;
   bool reads_out;  // false for scale_copy_: out is only written
 };
+
+// Whether a pair rule admits (out dtype, in dtype).
+bool pair_allowed(PairRule rule, c10::ScalarType out, c10::ScalarType in);
 
 extern const OpSpec kRunningMeanSpec;
 extern const OpSpec kEmaSpec;

@@ -61,9 +61,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 SHORT = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64"}
-AVERAGE_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F64, F64), (F32, F16), (F32, BF16)]
+AVERAGE_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F64, F64), (F32, F16), (F32, BF16),
+                 (F64, F32), (F64, F16), (F64, BF16)]  # float64 averages do not stagnate
 CAST_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F64, F64),
-              (F32, F16), (F32, BF16), (F16, F32), (BF16, F32)]
+              (F32, F16), (F32, BF16), (F16, F32), (BF16, F32),
+              (F64, F32), (F64, F16), (F64, BF16), (F32, F64), (F16, F64), (BF16, F64)]
 INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

@@ -11,8 +11,8 @@ from wavg_ext import ops
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 OP_NAMES = ["running_mean_", "ema_", "accumulate_", "scale_copy_"]
-MIXED = {"average": [(F32, F32), (F32, F16), (F16, F16), (F64, F64), (F32, BF16), (BF16, BF16)],
-         "cast": [(F16, F32), (F32, F16), (BF16, F32), (F64, F64), (F32, BF16), (F16, F16)]}
+MIXED = {"average": [(F32, F32), (F32, F16), (F16, F16), (F64, F64), (F32, BF16), (BF16, BF16), (F64, BF16)],
+         "cast": [(F16, F32), (F32, F16), (BF16, F32), (F64, F64), (F32, BF16), (F16, F16), (BF16, F64)]}
 SHAPES = [(3,), (2, 5), (0,), (70001,), (1, 1), (4, 3, 2)]
 # torch's own opcheck/inductor internals warn about torch.jit; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")

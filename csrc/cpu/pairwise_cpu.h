@@ -29,11 +29,17 @@ struct OpMath<double> {
   using type = double;
 };
 
+// The arithmetic type of a pair: double when either side is float64 (a float64
+// average of float32/bfloat16 weights, or assigning one), float otherwise.
+template <typename A, typename B>
+using pair_opmath_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>,
+                                         double, float>;
+
 // Moves 2 * Vectorized<opmath>::size() elements of T between memory and two
-// opmath vectors (one Vectorized<T> for the 16-bit types).
-template <typename T>
+// opmath vectors (one Vectorized<T> for the 16-bit types into float; through a
+// small buffer, converted element by element, for narrower types into double).
+template <typename T, typename opmath_t = typename OpMath<T>::type>
 struct VecIO {
-  using opmath_t = typename OpMath<T>::type;
   using Vec = at::vec::Vectorized<opmath_t>;
   static constexpr int64_t kStep = 2 * Vec::size();
 
@@ -41,17 +47,28 @@ struct VecIO {
     if constexpr (std::is_same_v<T, opmath_t>) {
       lo = Vec::loadu(p);
       hi = Vec::loadu(p + Vec::size());
-    } else {
+    } else if constexpr (std::is_same_v<opmath_t, float>) {
       auto both = at::vec::Vectorized<T>::loadu(p);
       std::tie(lo, hi) = at::vec::convert_to_float<T>(both);
+    } else {
+      alignas(64) opmath_t buf[kStep];
+      for (int64_t i = 0; i < kStep; ++i) buf[i] = static_cast<opmath_t>(static_cast<float>(p[i]));
+      lo = Vec::loadu(buf);
+      hi = Vec::loadu(buf + Vec::size());
     }
   }
   static void store(T* p, const Vec& lo, const Vec& hi) {
     if constexpr (std::is_same_v<T, opmath_t>) {
       lo.store(p);
       hi.store(p + Vec::size());
-    } else {
+    } else if constexpr (std::is_same_v<opmath_t, float>) {
       at::vec::convert_from_float<T>(lo, hi).store(p);
+    } else {
+      // double -> T as torch's casts do it (16-bit types through float).
+      alignas(64) opmath_t buf[kStep];
+      lo.store(buf);
+      hi.store(buf + Vec::size());
+      for (int64_t i = 0; i < kStep; ++i) p[i] = static_cast<T>(buf[i]);
     }
   }
 };
@@ -60,15 +77,17 @@ struct VecIO {
 // buffer, so every element gets identical arithmetic wherever it sits.
 template <typename out_t, typename in_t, bool kReadsOut, typename Op>
 void run_range(out_t* out, const in_t* in, int64_t n, const Op& op) {
-  static_assert(VecIO<out_t>::kStep == VecIO<in_t>::kStep, "pair must share an opmath type");
-  using Vec = typename VecIO<out_t>::Vec;
-  constexpr int64_t kStep = VecIO<out_t>::kStep;
+  using opmath_t = pair_opmath_t<out_t, in_t>;
+  using OutIO = VecIO<out_t, opmath_t>;
+  using InIO = VecIO<in_t, opmath_t>;
+  using Vec = typename OutIO::Vec;
+  constexpr int64_t kStep = OutIO::kStep;
   Vec a0, a1, x0, x1;
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
-    VecIO<in_t>::load(in + i, x0, x1);
-    if constexpr (kReadsOut) VecIO<out_t>::load(out + i, a0, a1);
-    VecIO<out_t>::store(out + i, op(a0, x0), op(a1, x1));
+    InIO::load(in + i, x0, x1);
+    if constexpr (kReadsOut) OutIO::load(out + i, a0, a1);
+    OutIO::store(out + i, op(a0, x0), op(a1, x1));
   }
   if (i < n) {
     const int64_t rest = n - i;
@@ -76,9 +95,9 @@ void run_range(out_t* out, const in_t* in, int64_t n, const Op& op) {
     alignas(64) in_t ibuf[kStep] = {};
     std::memcpy(ibuf, in + i, rest * sizeof(in_t));
     if constexpr (kReadsOut) std::memcpy(obuf, out + i, rest * sizeof(out_t));
-    VecIO<in_t>::load(ibuf, x0, x1);
-    if constexpr (kReadsOut) VecIO<out_t>::load(obuf, a0, a1);
-    VecIO<out_t>::store(obuf, op(a0, x0), op(a1, x1));
+    InIO::load(ibuf, x0, x1);
+    if constexpr (kReadsOut) OutIO::load(obuf, a0, a1);
+    OutIO::store(obuf, op(a0, x0), op(a1, x1));
     std::memcpy(out + i, obuf, rest * sizeof(out_t));
   }
 }
@@ -100,9 +119,18 @@ void dispatch_pair(c10::ScalarType out, c10::ScalarType in, const F& f) {
   } else if (out == ScalarType::Float) {
     if (in == ScalarType::Half) return f(float{}, Half{});
     if (in == ScalarType::BFloat16) return f(float{}, BFloat16{});
-  } else if (in == ScalarType::Float) {
+    if (in == ScalarType::Double) return f(float{}, double{});
+  } else if (out == ScalarType::Double) {  // float64 averages of narrower tensors
+    if (in == ScalarType::Float) return f(double{}, float{});
+    if (in == ScalarType::Half) return f(double{}, Half{});
+    if (in == ScalarType::BFloat16) return f(double{}, BFloat16{});
+  }
+  if (in == ScalarType::Float) {
     if (out == ScalarType::Half) return f(Half{}, float{});
     if (out == ScalarType::BFloat16) return f(BFloat16{}, float{});
+  } else if (in == ScalarType::Double) {  // assigning float64 averages
+    if (out == ScalarType::Half) return f(Half{}, double{});
+    if (out == ScalarType::BFloat16) return f(BFloat16{}, double{});
   }
   TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);  // validated earlier
 }
@@ -178,7 +206,7 @@ void apply_pairs(const PairPlan& plan, const Op& op) {
       dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
         using out_t = decltype(o);
         using in_t = decltype(x);
-        using opmath_t = typename OpMath<out_t>::type;
+        using opmath_t = pair_opmath_t<out_t, in_t>;
         run_range<out_t, in_t, kReadsOut>(static_cast<out_t*>(pair.out) + it.begin,
                                           static_cast<const in_t*>(pair.in) + it.begin,
                                           it.end - it.begin, op.template bind<opmath_t>());

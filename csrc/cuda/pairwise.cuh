@@ -34,6 +34,12 @@ struct OpMath<double> {
   using type = double;
 };
 
+// The arithmetic type of a pair: double when either side is float64 (a float64
+// average of float32/bfloat16 weights, or assigning one), float otherwise.
+template <typename A, typename B>
+using pair_opmath_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>,
+                                         double, float>;
+
 // The op's scalar as the kernel receives it.
 struct ScalarSource {
   double value;
@@ -83,7 +89,7 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 
 template <typename out_t, typename in_t, typename Op>
 struct PairFunctor {
-  using opmath_t = typename OpMath<out_t>::type;
+  using opmath_t = pair_opmath_t<out_t, in_t>;
   // 16 bytes of the narrower type per vector (so 16 or 32 bytes of the wider one).
   static constexpr int kVec = 16 / (sizeof(out_t) < sizeof(in_t) ? sizeof(out_t) : sizeof(in_t));
   static constexpr int kILP = 4;  // vectors in flight per thread
@@ -179,6 +185,26 @@ void launch_pairs(const PairPlan& plan) {
           launch_group<BFloat16, BFloat16, Op>(entries, stream, scalar);
           continue;
         default: break;
+      }
+    } else if (out == ScalarType::Double && in == ScalarType::Float) {
+      launch_group<double, float, Op>(entries, stream, scalar);
+      continue;
+    } else if (out == ScalarType::Double && in == ScalarType::Half) {
+      launch_group<double, Half, Op>(entries, stream, scalar);
+      continue;
+    } else if (out == ScalarType::Double && in == ScalarType::BFloat16) {
+      launch_group<double, BFloat16, Op>(entries, stream, scalar);
+      continue;
+    } else if (in == ScalarType::Double) {
+      if constexpr (!Op::kReadsOut) {  // assigning float64 averages (validated)
+        switch (out) {
+          case ScalarType::Float: launch_group<float, double, Op>(entries, stream, scalar); continue;
+          case ScalarType::Half: launch_group<Half, double, Op>(entries, stream, scalar); continue;
+          case ScalarType::BFloat16:
+            launch_group<BFloat16, double, Op>(entries, stream, scalar);
+            continue;
+          default: break;
+        }
       }
     } else if (out == ScalarType::Float && in == ScalarType::Half) {
       launch_group<float, Half, Op>(entries, stream, scalar);
