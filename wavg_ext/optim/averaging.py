@@ -299,18 +299,24 @@ class WeightAveraging(_WrappedOptimizer):
         self._groups = list(groups.values())
         self._group_indices = list(group_of.values())
         self._buffers_seen = sources[self._num_params:]
+        # What _follow_model compares the parameters with before each step (DTensor
+        # parameters: their local shards are re-read before each use instead).
+        self._param_metadata = None if self._dtensor_params else _C.ParamMetadata(self._params)
 
     def _follow_model(self) -> None:
         """Makes the wrapper work on the tensors the model holds now (averages follow the model).
 
-        A storage swapped under the same parameter (``p.data = t``, ``Module.half()``/``.to()``)
-        needs nothing here: the ops read and write the parameter itself, and a dtype or device
-        the average no longer pairs with is handled when an op refuses it (:meth:`_adopt`).
-        Parameters replaced in the base optimizer's ``param_groups`` and buffers replaced in
-        the module are taken over. Costs one pointer comparison per parameter (in C++) when
-        nothing changed; parameters added or removed behind the wrapper raise.
+        Runs before each base step, so that whatever the averaging would refuse after it
+        raises before anything changed. A storage swapped under the same parameter
+        (``p.data = t``) needs nothing: the ops read and write the parameter itself.
+        Parameters replaced in the base optimizer's ``param_groups``, parameters whose shape,
+        device or dtype no longer pair with their average (``Module.half()/.double()/.to()``)
+        and buffers replaced in the module are adopted (:meth:`_adopt`). When nothing changed
+        this costs one C++ pass over the parameters' metadata; parameters added or removed
+        behind the wrapper raise.
         """
-        changed = _C.changed_params([g["params"] for g in self.optimizer.param_groups], self._params)
+        changed = _C.changed_params([g["params"] for g in self.optimizer.param_groups], self._params,
+                                    self._param_metadata)
         if changed is None:
             counts = [len(g["params"]) for g in self.optimizer.param_groups]
             raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), the "
@@ -321,11 +327,7 @@ class WeightAveraging(_WrappedOptimizer):
             buffers_changed = buffers_changed or any(m._buffers.get(k) is not b for (m, k), b in
                                                      zip(self._int_slots, self._int_buffers_seen))
         if changed or buffers_changed:
-            params = list(self._params)
-            current = self._flat_params()
-            for i in changed:
-                params[i] = current[i]
-            self._adopt(params)
+            self._adopt(self._flat_params())
 
     def _adopt(self, params: Optional[List[torch.Tensor]] = None) -> bool:
         """Takes over ``params`` (default: the current ones) and the module's current buffers.
@@ -367,7 +369,9 @@ class WeightAveraging(_WrappedOptimizer):
         except BaseException:
             self._params, self._dtensor_params = old
             raise
-        changed = bool(plans) or params is not old[0] and any(p is not q for p, q in zip(params, old[0]))
+        changed = bool(plans) or any(p is not q for p, q in zip(params, old[0])) or \
+            any(s is not b for s, b in zip(sources[self._num_params:], self._buffers_seen)) or \
+            any(b is not c for b, c in zip(int_buffers, self._int_buffers_seen))
         with torch.no_grad():
             for i, (device, dtype) in plans.items():
                 self._averages[i] = self._averages[i].to(device=device, dtype=dtype,
@@ -378,7 +382,7 @@ class WeightAveraging(_WrappedOptimizer):
                     changed = True
         self._int_buffers_seen = int_buffers
         self._regroup()
-        return changed or bool(self._float_slots)
+        return changed
 
     def _run_ops(self, op: str, scalar: Any,
                  pick: Callable[[List[torch.Tensor], List[torch.Tensor], List[int]], Tuple[list, list]]) -> None:
@@ -404,6 +408,16 @@ class WeightAveraging(_WrappedOptimizer):
             except (TypeError, ValueError):
                 if attempt or not self._adopt():
                     raise
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["_param_metadata"] = None  # a C++ object: rebuilt on load
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not self._dtensor_params:
+            self._param_metadata = _C.ParamMetadata(self._params)
 
     def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.average_dtype is not None:
