@@ -21,13 +21,14 @@ except ImportError as err:  # e.g. importing the source checkout, which has no c
 from . import ops  # noqa: E402
 from . import optim  # noqa: E402
 from .bn import update_bn  # noqa: E402
-from .optim import (EMA, PSWA, PSWM, PWALKS, SWA, TWA, PeriodicSWA, RankDeficientSampleWarning,  # noqa: E402
-                    WeightAveraging, cyclic_lr)
+from .optim import (EMA, PSWA, PSWM, PWALKS, SWA, TWA, NonFiniteSampleWarning, PeriodicSWA,  # noqa: E402
+                    RankDeficientSampleWarning, WeightAveraging, cyclic_lr)
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "WeightAveraging", "SWA", "EMA", "PSWA",
-           "PWALKS", "PSWM", "PeriodicSWA", "TWA", "RankDeficientSampleWarning", "__version__"]
+           "PWALKS", "PSWM", "PeriodicSWA", "TWA", "RankDeficientSampleWarning", "NonFiniteSampleWarning",
+           "__version__"]
 
 
 def build_info() -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -18,14 +19,23 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 def _to_device(obj: Any, device: Optional[torch.device]) -> Any:
+    """``obj`` with every tensor in it moved to ``device``, containers rebuilt with their own
+    types: namedtuples field by field (``type(obj)(*items)``: their constructors take no
+    iterable), lists/tuples from the items, dicts (OrderedDict, defaultdict, nested) key by
+    key on a shallow copy. Anything else is passed through as is."""
     if device is None:
         return obj
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        out = copy.copy(obj)  # keeps the dict's type and extras (a defaultdict's factory)
+        for k, v in obj.items():
+            out[k] = _to_device(v, device)
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # collections.namedtuple, typing.NamedTuple
+        return type(obj)(*(_to_device(v, device) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)([_to_device(v, device) for v in obj])
     return obj
 
 

@@ -17,6 +17,8 @@ a ``_foreach_mul_`` and the base optimizer's step.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -30,7 +32,7 @@ from ..distributed import ShardedVectors, basis_like_param, local_tensor, local_
 from ..ops.basis import default_rtol
 from .wrapper import _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
-__all__ = ["TWA", "RankDeficientSampleWarning"]
+__all__ = ["TWA", "RankDeficientSampleWarning", "NonFiniteSampleWarning"]
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _INITS = ("mean", "current")
@@ -40,6 +42,22 @@ Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 class RankDeficientSampleWarning(UserWarning):
     """A TWA sample added no new direction to the basis (its weights already lie in the span of
     the earlier samples, up to ``rtol``) and was refused: the basis did not grow."""
+
+
+class NonFiniteSampleWarning(UserWarning):
+    """A TWA sample (``collect(skip_nonfinite=True)``) or checkpoint (``from_checkpoints(...,
+    skip_nonfinite=True)``) held NaN/inf values and was skipped: nothing changed and it does
+    not count towards the samples' mean."""
+
+
+class _NonFiniteSample(ValueError):
+    """A sample or checkpoint holds NaN/inf (caught where skipping was asked for)."""
+
+
+def _nonfinite_kind(t: torch.Tensor) -> str:
+    """'NaN', 'inf' or 'NaN and inf' for a tensor known to hold non-finite values (syncs)."""
+    kinds = [word for word, test in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(test(t).any())]
+    return " and ".join(kinds) or "NaN/inf"  # (a shard of a DTensor may hold none of them)
 
 
 class TWA(_WrappedOptimizer):
@@ -115,19 +133,20 @@ class TWA(_WrappedOptimizer):
         self.reg = reg
         self.storage_dtype = storage_dtype
         self._rtol = rtol
+        self._scratch: Optional[List[torch.Tensor]] = None  # float32 sample for a bfloat16 basis
         self._build_basis()
         # Host-side state (no device sync per step).
         self._k = 0  # basis rows in use
-        self._num_samples = 0  # collect() calls, accepted or not
+        self._num_samples = 0  # samples collected, refused ones included (not NaN/inf ones)
         # Sum of the samples' coefficients P^T w_j (every sample lies in span(P)): the
         # samples' mean is P @ (sum / num_samples), with no model-sized buffer.
         self._coef_sum = torch.zeros(capacity, dtype=torch.float64)
         self._in_subspace = False
-        self._scratch: Optional[List[torch.Tensor]] = None  # float32 sample for a bfloat16 basis
 
     # ----------------------------------------------------------------- tensors
 
     def _build_basis(self) -> None:
+        """(Re)makes the basis for the base optimizer's parameters; assigns nothing unless all succeeds."""
         params = self._flat_params()
         if not params:
             raise ValueError("the base optimizer has no parameters")
@@ -145,14 +164,17 @@ class TWA(_WrappedOptimizer):
                                 "parameters need a float64 basis and other parameters a float32/bfloat16 one")
         # FSDP2/DTensor parameters: the basis holds this rank's shard of every row, and every
         # whole-model inner product is summed over the ranks (k values per projection).
-        self._vectors = ShardedVectors(params)
+        vectors = ShardedVectors(params)
         detached = [local_tensor(p.detach()) for p in params]
         basis = ops.new_basis(detached, self.capacity, dtype=self.storage_dtype)
         _C.check_project(detached, basis, 1)  # the ops' own checks (dtype pairs, layouts), now
+        rtol = self._rtol if self._rtol is not None else max(default_rtol(b.dtype) for b in basis)
+        self._vectors = vectors
         self._params = params
         self._basis = basis
         self._bf16 = self.storage_dtype == torch.bfloat16
-        self.rtol = self._rtol if self._rtol is not None else max(default_rtol(b.dtype) for b in basis)
+        self.rtol = rtol
+        self._scratch = None  # sized for the old parameters
 
     def _weights(self) -> List[torch.Tensor]:
         # Detached afresh at each use: `p.data = ...` (vector_to_parameters, Module.to) gives a
@@ -168,15 +190,20 @@ class TWA(_WrappedOptimizer):
     # ----------------------------------------------------------------- Optimizer interface
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Adds a group to the base optimizer; only before the first ``collect()``."""
+        """Adds a group to the base optimizer; only before the first ``collect()``.
+
+        Atomic: if the base optimizer or the new basis refuses the group, the base's groups
+        and this TWA's basis are left as they were."""
         if self._num_samples > 0 or self._in_subspace:
             raise RuntimeError("add_param_group after collect(): the basis vectors have no components for the "
                                "new parameters")
-        self.optimizer.add_param_group(param_group)
+        groups = self.optimizer.param_groups
+        count = len(groups)
         try:
+            self.optimizer.add_param_group(param_group)
             self._build_basis()
-        except (TypeError, ValueError):
-            self.optimizer.param_groups.pop()
+        except BaseException:
+            del groups[count:]  # (torch's add_param_group appends last, but a subclass may not)
             raise
 
     @torch.compiler.disable
@@ -212,17 +239,42 @@ class TWA(_WrappedOptimizer):
 
     # ----------------------------------------------------------------- collecting samples
 
+    def _first_nonfinite(self, tensors: Sequence[torch.Tensor]) -> Optional[int]:
+        """Position of the first tensor holding NaN/inf (the same on every rank), or None (syncs)."""
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors])
+        if self._vectors.is_sharded:
+            bad = self._vectors.all_reduce(bad.to(torch.float32))
+        where = bad.nonzero()
+        return int(where[0]) if where.numel() else None
+
+    def _check_sample_norm(self, srcs: Sequence[torch.Tensor], norm: float, row: Sequence[torch.Tensor]) -> None:
+        """Raises unless the sample's norm is finite, after zeroing ``row`` (where it was written).
+        A sum of squares is non-finite when an element is, or when it overflows: only then are
+        the elements themselves checked, to tell the two apart."""
+        if math.isfinite(norm):
+            return
+        for t in row:
+            t.zero_()
+        i = self._first_nonfinite(srcs)
+        if i is None:
+            dtype = torch.float64 if self._basis[0].dtype == torch.float64 else torch.float32
+            raise ValueError(f"TWA sample {self._num_samples}: its squared norm overflows {dtype} (parameter "
+                             "values too large); refused, nothing changed")
+        raise _NonFiniteSample(f"parameter {i} (shape {list(srcs[i].shape)}) holds {_nonfinite_kind(srcs[i])}")
+
     @torch.no_grad()
     def _add_sample(self, srcs: Sequence[torch.Tensor]) -> Tuple[bool, float]:
         """Orthonormalizes the sample ``srcs`` against rows [0, k) into row k and adds its
         coefficients to the samples' sum; returns (accepted, relative residual). A refused
-        sample leaves row k zero. Syncs (the residual)."""
+        sample leaves row k zero. A sample holding NaN/inf (_NonFiniteSample) or overflowing
+        (ValueError) raises with row k zero and nothing else changed. Syncs (the residual)."""
         k = self._k
         row = [b[k] for b in self._basis]
         coefs: Optional[torch.Tensor] = None
         if not self._bf16:
             ops.scale_copy_(row, srcs, 1.0)
             original = self._vectors.norm(row)
+            self._check_sample_norm(srcs, original, row)
             norm = self._vectors.orthonormalize_(self._basis, k)
         else:
             # The new direction is often smaller than bfloat16's rounding of the sample:
@@ -232,6 +284,7 @@ class TWA(_WrappedOptimizer):
             work = self._scratch_tensors()
             ops.scale_copy_(work, srcs, 1.0)
             original = self._vectors.norm(work)
+            self._check_sample_norm(srcs, original, [])
             coefs = torch.zeros(k + 1, dtype=torch.float64)
             for _ in range(2 if k else 0):
                 c = self._vectors.dots(self._basis, work, k)
@@ -255,22 +308,38 @@ class TWA(_WrappedOptimizer):
         return accepted, residual
 
     @torch.no_grad()
-    def collect(self) -> bool:
+    def collect(self, skip_nonfinite: bool = False) -> bool:
         """Adds the current parameters to the basis (orthonormalized at once); returns True.
 
         A sample that adds no new direction (relative residual <= ``rtol``, e.g. the same
         weights twice) is refused with a :class:`RankDeficientSampleWarning` and False: the
-        basis does not grow. Every sample, accepted or not, counts towards the mean that
+        basis does not grow, but the sample still counts towards the mean that
         ``start_subspace("mean")`` starts from. Raises RuntimeError when the basis is full
         or after ``start_subspace()``. Syncs with the device (the residual is checked).
+
+        Weights holding NaN/inf (a diverged step) raise ValueError naming the first such
+        parameter; ``skip_nonfinite=True`` instead returns False with a
+        :class:`NonFiniteSampleWarning`. Either way nothing changes: the basis, the counters
+        and the mean are as before (the sample is not counted).
         """
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
         if self._in_subspace:
             raise RuntimeError("collect() after start_subspace(): the subspace is fixed while training in it")
         if self._k >= self.capacity:
             raise RuntimeError(f"collect(): the basis is full ({self.capacity} samples); make the TWA with a "
                                "larger capacity")
         self._check_params_unchanged(len(self._params))
-        accepted, residual = self._add_sample(self._weights())
+        try:
+            accepted, residual = self._add_sample(self._weights())
+        except _NonFiniteSample as e:
+            msg = f"TWA sample {self._num_samples}: {e}"
+            if not skip_nonfinite:
+                raise ValueError(f"{msg}; refused, nothing changed (collect(skip_nonfinite=True) skips such "
+                                 "samples with a warning)") from None
+            warnings.warn(f"{msg}; skipped (not counted), the basis keeps {self._k} vectors",
+                          NonFiniteSampleWarning, stacklevel=3)
+            return False
         if not accepted:
             warnings.warn(f"TWA sample {self._num_samples - 1} adds no new direction (relative residual {residual:.3g} "
                           f"<= rtol {self.rtol:g}); refused, the basis keeps {self._k} vectors",
@@ -316,7 +385,8 @@ class TWA(_WrappedOptimizer):
 
     @property
     def num_samples(self) -> int:
-        """``collect()`` calls so far, accepted or not (the samples the mean is taken over)."""
+        """Samples collected so far, accepted or refused as rank deficient (the samples the mean is
+        taken over); samples skipped for NaN/inf do not count."""
         return self._num_samples
 
     @property
@@ -369,25 +439,54 @@ class TWA(_WrappedOptimizer):
         twa = self._saved_section(state_dict, optimizer)
         basis = twa.get("basis")
         if isinstance(basis, (list, tuple)):
-            basis = [local_tensor(b) for b in basis]
+            basis = [local_tensor(b) if isinstance(b, torch.Tensor) else b for b in basis]
         if not isinstance(basis, (list, tuple)) or len(basis) != len(self._basis):
             got = len(basis) if isinstance(basis, (list, tuple)) else type(basis).__name__
             raise ValueError(f"state dict has a basis of {got} tensors, this TWA {len(self._basis)}")
         _check_saved_tensors("basis", basis, self._basis)
-        k, n, in_subspace = twa.get("num_basis"), twa.get("num_samples"), twa.get("in_subspace")
-        coef = twa.get("coefficient_sum")
+        for key in ("num_basis", "num_samples", "in_subspace", "coefficient_sum"):
+            if key not in twa:
+                raise ValueError(f"state dict['twa'] has no '{key}'")
+        k, n, in_subspace = twa["num_basis"], twa["num_samples"], twa["in_subspace"]
+        coef = twa["coefficient_sum"]
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.capacity:
-            raise ValueError(f"state dict num_basis {k!r} is not in [0, {self.capacity}]")
+            raise ValueError(f"state dict num_basis {k!r} is not an int in [0, {self.capacity}]")
         if isinstance(n, bool) or not isinstance(n, int) or n < k:
             raise ValueError(f"state dict num_samples {n!r} is not an int >= num_basis ({k})")
         if not isinstance(in_subspace, bool) or (in_subspace and k == 0):
             raise ValueError(f"state dict in_subspace {in_subspace!r} is not a bool (or True with an empty basis)")
         _check_saved_tensors("coefficient_sum", [coef], [self._coef_sum])
-        self._load_base(state_dict, optimizer)
-        with torch.no_grad():
-            for s, d in zip(basis, self._basis):
-                d.copy_(s)
-            self._coef_sum.copy_(coef)
+        for kind, tensors in (("basis", basis), ("coefficient_sum", [coef])):
+            for i, t in enumerate(tensors):
+                if t.layout != torch.strided or t.is_meta:
+                    raise ValueError(f"state dict {kind}[{i}] is a {t.layout} {t.device.type} tensor, not a dense one "
+                                     "with data")
+        # The rows in use and the sum must be finite (a NaN there would spread into every step).
+        for i, b in enumerate(basis):
+            if not bool(torch.isfinite(b[:k]).all()):
+                raise ValueError(f"state dict basis[{i}] holds {_nonfinite_kind(b[:k])} in its rows [0, {k})")
+        if not bool(torch.isfinite(coef).all()):
+            raise ValueError(f"state dict coefficient_sum holds {_nonfinite_kind(coef)}")
+        # Everything is checked; should a copy still fail, the base optimizer and the basis go back.
+        base_before = copy.deepcopy(self.optimizer.state_dict()) if optimizer else None
+        rows_before = [b[: self._k].clone() for b in self._basis]  # rows >= num_basis are zero
+        coef_before = self._coef_sum.clone()
+        try:
+            self._load_base(state_dict, optimizer)
+            with torch.no_grad():
+                for s, d in zip(basis, self._basis):  # rows >= k zeroed: they are by construction
+                    d[:k].copy_(s[:k])
+                    d[k:].zero_()
+                self._coef_sum.copy_(coef)
+        except BaseException:
+            with torch.no_grad():
+                for r, d in zip(rows_before, self._basis):
+                    d[: r.shape[0]].copy_(r)
+                    d[r.shape[0]:].zero_()
+                self._coef_sum.copy_(coef_before)
+            if base_before is not None:
+                self.optimizer.load_state_dict(base_before)
+            raise
         self._k, self._num_samples, self._in_subspace = k, n, in_subspace
         self._scratch = None
 
@@ -397,7 +496,8 @@ class TWA(_WrappedOptimizer):
     def from_checkpoints(cls, model: nn.Module, optimizer: Optimizer, checkpoints: Sequence[Checkpoint],
                          capacity: Optional[int] = None, reg: float = 1e-5,
                          storage_dtype: Optional[torch.dtype] = None, rtol: Optional[float] = None,
-                         init: str = "mean", reset_optimizer_state: bool = True) -> "TWA":
+                         init: str = "mean", reset_optimizer_state: bool = True,
+                         skip_nonfinite: bool = False) -> "TWA":
         """A TWA whose basis holds saved checkpoints, already in the subspace (``start_subspace(init)``).
 
         ``checkpoints``: a list of model state dicts or paths to them (loaded with
@@ -407,8 +507,12 @@ class TWA(_WrappedOptimizer):
         optimizer's parameters are found in each checkpoint by their names in
         ``model.named_parameters()``; other entries (buffers, optimizer state) are ignored.
 
-        Every checkpoint is checked (names, shapes) before anything is written, so a bad
-        one raises ValueError/TypeError and leaves the model untouched. The n snapshots
+        Every checkpoint is checked (names, shapes, finite values) before anything is
+        written, so a bad one raises ValueError/TypeError and leaves the model untouched; a
+        checkpoint holding NaN/inf is dropped with a :class:`NonFiniteSampleWarning` instead
+        with ``skip_nonfinite=True`` (it does not count towards the mean). Should loading
+        still fail later (a file that cannot be read again), the parameters and the base
+        optimizer are restored from a copy taken before (one model-sized buffer). The n snapshots
         are then written into basis rows [0, n) and orthonormalized together
         (:func:`wavg_ext.ops.orthonormalize_many_`; with a bfloat16 basis, one by one in
         float32 as ``collect()`` does). Checkpoints that add no new direction are dropped
@@ -435,15 +539,43 @@ class TWA(_WrappedOptimizer):
         twa = cls(optimizer, capacity, reg=reg, storage_dtype=storage_dtype, rtol=rtol)
         if not isinstance(reset_optimizer_state, bool):
             raise TypeError(f"reset_optimizer_state must be a bool, got {type(reset_optimizer_state).__name__}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
         by_id = {id(p): name for name, p in model.named_parameters()}
         names = [by_id.get(id(p)) for p in twa._params]
         strangers = [i for i, name in enumerate(names) if name is None]
         if strangers:
             raise ValueError(f"optimizer parameter(s) {strangers[:5]} are not parameters of model")
+        kept, skipped, nonzero = [], [], False
         for i, ckpt in enumerate(checkpoints):  # everything checked before anything is written
-            twa._read_checkpoint(ckpt, i, names, check_only=True)
-        twa._load_checkpoints(checkpoints, names, init)
-        twa.start_subspace(init, reset_optimizer_state)
+            try:
+                tensors = twa._read_checkpoint(ckpt, i, names, check_only=True)
+            except _NonFiniteSample as e:
+                if not skip_nonfinite:
+                    raise ValueError(f"{e} (skip_nonfinite=True drops such checkpoints with a warning)") from None
+                skipped.append(str(e))
+                continue
+            nonzero = nonzero or any(bool(t.any()) for t in tensors)
+            kept.append(ckpt)
+            del tensors
+        if not kept:
+            raise ValueError(f"every checkpoint ({n}) holds NaN/inf values: there is nothing to average")
+        if not nonzero:
+            raise ValueError("every checkpoint's parameters are zero: there is no subspace to train in")
+        for msg in skipped:
+            warnings.warn(f"{msg}; dropped (not counted in the mean)", NonFiniteSampleWarning, stacklevel=2)
+        # Checked; a failure from here on (a file that no longer loads) restores what was written.
+        weights_before = [w.clone() for w in twa._weights()]
+        base_before = copy.deepcopy(optimizer.state_dict())
+        try:
+            twa._load_checkpoints(kept, names, init)
+            twa.start_subspace(init, reset_optimizer_state)
+        except BaseException:
+            with torch.no_grad():
+                for w, saved in zip(twa._weights(), weights_before):
+                    w.copy_(saved)
+            optimizer.load_state_dict(base_before)
+            raise
         return twa
 
     def _read_checkpoint(self, ckpt: Checkpoint, i: int, names: Sequence[str],
@@ -481,11 +613,18 @@ class TWA(_WrappedOptimizer):
             if t.shape != p.shape:
                 raise ValueError(f"{where}: '{name}' has shape {list(t.shape)}, the model's parameter "
                                  f"{list(p.shape)}")
+            if check_only and (t.layout != torch.strided or t.is_meta):
+                raise ValueError(f"{where}: '{name}' is a {t.layout} {t.device.type} tensor, not a dense one "
+                                 "with data")
             out.append(t)
         if missing:
             raise ValueError(f"{where} has no parameter(s) {missing[:5]}"
                              f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; "
                              f"its keys begin {list(obj)[:3]}")
+        if check_only:  # after the names and shapes: those errors come first
+            for name, t in zip(names, out):
+                if not bool(torch.isfinite(t).all()):
+                    raise _NonFiniteSample(f"{where}: '{name}' holds {_nonfinite_kind(t)}")
         return out
 
     @torch.no_grad()
@@ -514,6 +653,7 @@ class TWA(_WrappedOptimizer):
             warnings.warn(f"{n - self._k} of {n} checkpoints add no new direction (relative residual <= rtol "
                           f"{self.rtol:g}) and were dropped; the basis has {self._k} vectors",
                           RankDeficientSampleWarning, stacklevel=4)  # from_checkpoints' caller
-        if self._k == 0:
-            raise RuntimeError("every checkpoint's parameters are zero: there is no subspace to train in")
+        if self._k == 0:  # (zeros are refused up front: here, norms that underflow)
+            raise ValueError("every checkpoint's parameters are zero or too small to normalize: there is no "
+                             "subspace to train in")
         self._scratch = None
