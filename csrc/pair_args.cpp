@@ -20,8 +20,14 @@ const OpSpec kAccumulateSpec{"accumulate_", "sums", "xs", "alpha", PairRule::kAv
 const OpSpec kScaleCopySpec{"scale_copy_", "dsts", "srcs", "scale", PairRule::kCast,
                             ScalarRule::kFinite, false};
 
+const OpSpec kRunningMeanCompensatedSpec{"running_mean_compensated_", "avgs", "xs", "count",
+                                         PairRule::kAverage, ScalarRule::kFiniteNonNegative, true};
+const OpSpec kEmaCompensatedSpec{"ema_compensated_", "avgs", "xs", "weight", PairRule::kAverage,
+                                 ScalarRule::kFinite, true};
+
 const OpSpec& spec_by_name(const std::string& name) {
-  for (const OpSpec* s : {&kRunningMeanSpec, &kEmaSpec, &kAccumulateSpec, &kScaleCopySpec}) {
+  for (const OpSpec* s : {&kRunningMeanSpec, &kEmaSpec, &kAccumulateSpec, &kScaleCopySpec,
+                          &kRunningMeanCompensatedSpec, &kEmaCompensatedSpec}) {
     if (name == s->name) return *s;
   }
   TORCH_CHECK_VALUE(false, "wavg_ext: unknown op '", name, "'");
@@ -101,7 +107,8 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
     spans.push_back(span_of(in, in_data, in_dense, false, i, spec.in_name));
     if (!plan) continue;
     if (out_dense && in_dense && same_layout(out, in)) {
-      plan->pairs.push_back({out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type()});
+      plan->pairs.push_back({out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type(),
+                             static_cast<int64_t>(i)});
     } else {
       slow.push_back(i);
     }
@@ -130,7 +137,8 @@ ScalarArg scalar_from_tensor(const OpSpec& spec, const at::Tensor& t, at::Tensor
   ScalarArg s;
   if (t.device().is_cpu()) {
     s.value = t.item<double>();  // a host read, no device sync
-    check_scalar_value(spec, s.value);
+    s.skip = std::isnan(s.value);  // the gate: leave the outputs untouched
+    if (!s.skip) check_scalar_value(spec, s.value);
     return s;
   }
   const bool same_device = !outs.empty() && t.device() == outs[0].device();
@@ -166,7 +174,7 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
       plan.temporaries.push_back(in_work);
     }
     plan.pairs.push_back({out_work.data_ptr(), in_work.const_data_ptr(), out.numel(),
-                          out.scalar_type(), in.scalar_type()});
+                          out.scalar_type(), in.scalar_type(), static_cast<int64_t>(i)});
   }
 }
 
@@ -193,8 +201,92 @@ PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList i
   PairPlan plan;
   const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr);
   plan.scalar = scalar_from_tensor(spec, scalar, outs);
+  if (plan.scalar.skip) {
+    plan.pairs.clear();  // validated, nothing to do
+    return plan;
+  }
   if (layout) plan_slow_pairs(spec, outs, ins, slow, plan);
   return plan;
+}
+
+namespace {
+
+// comps against avgs, before prepare_pairs looks at (avgs, xs): avgs must not need
+// a temporary (the compensation is updated in place beside its average).
+void check_comps(const OpSpec& spec, at::TensorList avgs, at::TensorList comps) {
+  TORCH_CHECK_VALUE(comps.size() == avgs.size(), spec.name, ": comps has ", comps.size(),
+                    " tensors but avgs has ", avgs.size());
+  for (size_t i = 0; i < comps.size(); ++i) {
+    const at::Tensor& a = avgs[i];
+    const at::Tensor& c = comps[i];
+    check_tensor(spec.name, "avgs", i, a);
+    check_tensor(spec.name, "comps", i, c);
+    TORCH_CHECK_TYPE(c.scalar_type() == a.scalar_type(), spec.name, ": comps[", i, "] is ",
+                     c.scalar_type(), " but avgs[", i, "] is ", a.scalar_type(),
+                     "; a compensation has its average's dtype");
+    TORCH_CHECK_VALUE(c.sizes() == a.sizes(), spec.name, ": comps[", i, "] has shape ", c.sizes(),
+                      " but avgs[", i, "] has shape ", a.sizes());
+    TORCH_CHECK_VALUE(c.device() == a.device(), spec.name, ": comps[", i, "] is on ", c.device(),
+                      " but avgs[", i, "] is on ", a.device());
+    // Meta tensors (torch.compile tracing, maybe with symbolic sizes) have no layout to check.
+    if (a.device().type() == c10::DeviceType::Meta || a.numel() == 0) continue;
+    TORCH_CHECK_VALUE(a.is_non_overlapping_and_dense() && c.is_non_overlapping_and_dense() &&
+                          a.strides() == c.strides(),
+                      spec.name, ": avgs[", i, "] and comps[", i,
+                      "] must be dense with the same strides (e.g. comps[i] = "
+                      "torch.zeros_like(avgs[i]))");
+  }
+}
+
+// No comp may overlap an avg, another comp or an x (prepare_pairs checked avgs/xs).
+void check_comps_overlap(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
+                         at::TensorList xs) {
+  if (avgs.empty() || avgs[0].device().type() == c10::DeviceType::Meta) return;
+  std::vector<Span> spans;
+  spans.reserve(3 * avgs.size());
+  for (size_t i = 0; i < avgs.size(); ++i) {
+    if (avgs[i].numel() == 0) continue;
+    spans.push_back(span_of(avgs[i], avgs[i].const_data_ptr(), true, true, i, "avgs"));
+    spans.push_back(span_of(comps[i], comps[i].const_data_ptr(), true, true, i, "comps"));
+    const bool dense = xs[i].is_non_overlapping_and_dense();
+    spans.push_back(span_of(xs[i], xs[i].const_data_ptr(), dense, false, i, "xs"));
+  }
+  check_no_overlap(spec.name, spans);
+}
+
+template <typename Scalar>
+PairPlan prepare_compensated_impl(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
+                                  at::TensorList xs, const Scalar& scalar, bool layout) {
+  check_comps(spec, avgs, comps);
+  PairPlan plan = prepare_pairs(spec, avgs, xs, scalar, layout);
+  check_comps_overlap(spec, avgs, comps, xs);
+  for (PairView& p : plan.pairs) p.aux = comps[p.index].data_ptr();
+  return plan;
+}
+
+}  // namespace
+
+PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
+                             at::TensorList xs, double scalar, bool layout) {
+  return prepare_compensated_impl(spec, avgs, comps, xs, scalar, layout);
+}
+
+PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
+                             at::TensorList xs, const at::Tensor& scalar, bool layout) {
+  return prepare_compensated_impl(spec, avgs, comps, xs, scalar, layout);
+}
+
+std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs) {
+  std::vector<at::Tensor> out;
+  out.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    check_tensor("nonfinite_flag", "xs", i, xs[i]);
+    TORCH_CHECK_VALUE(xs[i].device() == xs[0].device(), "nonfinite_flag: xs[", i, "] is on ",
+                      xs[i].device(), " but xs[0] is on ", xs[0].device(),
+                      "; all tensors of one call must be on one device");
+    out.push_back(xs[i].is_non_overlapping_and_dense() ? xs[i] : xs[i].contiguous());
+  }
+  return out;
 }
 
 }  // namespace wavg_ext

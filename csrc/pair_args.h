@@ -40,6 +40,11 @@ struct OpSpec {
 // Whether a pair rule admits (out dtype, in dtype).
 bool pair_allowed(PairRule rule, c10::ScalarType out, c10::ScalarType in);
 
+// The compensated averages: ops over (avgs, comps, xs) where the average's value is
+// avg + comp, both of avg's dtype, updated in float64 and split back into the
+// nearest avg and the remainder (see compensated_cpu.cpp).
+extern const OpSpec kRunningMeanCompensatedSpec;
+extern const OpSpec kEmaCompensatedSpec;
 extern const OpSpec kRunningMeanSpec;
 extern const OpSpec kEmaSpec;
 extern const OpSpec kAccumulateSpec;
@@ -47,9 +52,14 @@ extern const OpSpec kScaleCopySpec;
 const OpSpec& spec_by_name(const std::string& name);
 
 // The op's scalar: a host value, or (CUDA only) a pointer to a one-element device
-// tensor that the kernel reads, so that no host sync is needed.
+// tensor that the kernel reads, so that no host sync is needed. A one-element
+// tensor holding NaN gates the update off: the outputs are left untouched (on the
+// host `skip`; on a device the kernel sees the NaN and returns). This is how an
+// update is made conditional on a device-side flag without a host sync
+// (skip_nonfinite in the wrappers).
 struct ScalarArg {
   double value = 0.0;
+  bool skip = false;
   const void* device_ptr = nullptr;
   c10::ScalarType device_dtype = c10::ScalarType::Float;
   bool on_device() const { return device_ptr != nullptr; }
@@ -64,6 +74,8 @@ struct PairView {
   int64_t numel;
   c10::ScalarType out_dtype;
   c10::ScalarType in_dtype;
+  int64_t index = -1;   // the pair's position in the caller's lists
+  void* aux = nullptr;  // compensated ops: the compensation, laid out like out
 };
 
 // The work of one call: the non-empty pairs, each dense with the same memory
@@ -86,6 +98,18 @@ PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList i
 PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
                        const at::Tensor& scalar, bool plan_layout = true);
 
+// The compensated ops: prepare_pairs for (avgs, xs), and comps checked against avgs
+// (same dtype, shape, device and strides; both dense) and for overlap with
+// everything; each planned pair gets its compensation as `aux`.
+PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
+                             at::TensorList xs, double scalar, bool plan_layout = true);
+PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
+                             at::TensorList xs, const at::Tensor& scalar, bool plan_layout = true);
+
+// nonfinite_flag's input: tensors of supported dtypes on one device. Returns the
+// (tensor, contiguous copy or itself) list to scan.
+std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs);
+
 // The two overloads every op registers (scalar as a float, or as a tensor), built
 // from the op's spec and a backend's runner: validate and plan, then run.
 template <const OpSpec& kSpec, void (*kRun)(PairPlan&)>
@@ -98,6 +122,22 @@ void entry_float(at::TensorList outs, at::TensorList ins, double scalar) {
 template <const OpSpec& kSpec, void (*kRun)(PairPlan&)>
 void entry_tensor(at::TensorList outs, at::TensorList ins, const at::Tensor& scalar) {
   PairPlan plan = prepare_pairs(kSpec, outs, ins, scalar);
+  kRun(plan);
+  plan.finish();
+}
+
+template <const OpSpec& kSpec, void (*kRun)(PairPlan&)>
+void entry_compensated_float(at::TensorList avgs, at::TensorList comps, at::TensorList xs,
+                             double scalar) {
+  PairPlan plan = prepare_compensated(kSpec, avgs, comps, xs, scalar);
+  kRun(plan);
+  plan.finish();
+}
+
+template <const OpSpec& kSpec, void (*kRun)(PairPlan&)>
+void entry_compensated_tensor(at::TensorList avgs, at::TensorList comps, at::TensorList xs,
+                              const at::Tensor& scalar) {
+  PairPlan plan = prepare_compensated(kSpec, avgs, comps, xs, scalar);
   kRun(plan);
   plan.finish();
 }

@@ -35,6 +35,16 @@ constexpr const char* kSchemas[] = {
     "accumulate_.Tensor(Tensor(a!)[] sums, Tensor[] xs, Tensor alpha) -> ()",
     "scale_copy_(Tensor(a!)[] dsts, Tensor[] srcs, float scale=1.0) -> ()",
     "scale_copy_.Tensor(Tensor(a!)[] dsts, Tensor[] srcs, Tensor scale) -> ()",
+    // Compensated averages: the value is avg + comp (see cpu/compensated_cpu.cpp).
+    "running_mean_compensated_(Tensor(a!)[] avgs, Tensor(b!)[] comps, Tensor[] xs, float count) "
+    "-> ()",
+    "running_mean_compensated_.Tensor(Tensor(a!)[] avgs, Tensor(b!)[] comps, Tensor[] xs, "
+    "Tensor count) -> ()",
+    "ema_compensated_(Tensor(a!)[] avgs, Tensor(b!)[] comps, Tensor[] xs, float weight) -> ()",
+    "ema_compensated_.Tensor(Tensor(a!)[] avgs, Tensor(b!)[] comps, Tensor[] xs, Tensor weight) "
+    "-> ()",
+    // 0-dim int32 on the tensors' device: 1 when any element is NaN or +-inf (no host sync).
+    "nonfinite_flag(Tensor[] xs) -> Tensor",
     // Basis ops (TWA): a basis is one [capacity, *param.shape] tensor per parameter.
     "dots(Tensor[] basis, Tensor[] xs, int k) -> Tensor",
     "combine_(Tensor(a!)[] outs, Tensor[] basis, Tensor coeffs, float alpha=1.0, "
@@ -249,6 +259,88 @@ void call_from_python(pybind11::handle outs, pybind11::handle ins, pybind11::han
       typed_op<kSpec, const at::Tensor&>().call(o, i, s);
     }
   });
+}
+
+// ---- compensated averages and nonfinite_flag: Meta, Autograd, fallback, Python ------
+
+template <typename Scalar>
+using CompensatedSignature = void(at::TensorList, at::TensorList, at::TensorList, Scalar);
+
+template <const OpSpec& kSpec, typename Scalar>
+const c10::TypedOperatorHandle<CompensatedSignature<Scalar>>& typed_compensated_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow((std::string("wavg_ext::") + kSpec.name).c_str(),
+                             std::is_same_v<Scalar, double> ? "" : "Tensor")
+          .template typed<CompensatedSignature<Scalar>>();
+  return op;
+}
+
+template <const OpSpec& kSpec, typename Scalar>
+void compensated_validate_only(at::TensorList avgs, at::TensorList comps, at::TensorList xs,
+                               Scalar scalar) {
+  prepare_compensated(kSpec, avgs, comps, xs, scalar, /*plan_layout=*/false);
+}
+
+template <const OpSpec& kSpec, typename Scalar>
+void compensated_no_kernel(at::TensorList avgs, at::TensorList comps, at::TensorList xs,
+                           Scalar scalar) {
+  prepare_compensated(kSpec, avgs, comps, xs, scalar, /*plan_layout=*/false);
+  TORCH_CHECK_NOT_IMPLEMENTED(avgs.empty(), kSpec.name, ": no wavg_ext kernel for tensors on ",
+                              avgs[0].device(), " in this build; call wavg_ext.ops.", kSpec.name,
+                              " (it falls back to the reference implementation)");
+}
+
+void bump_versions(at::TensorList ts);
+void check_not_inference(const char* op, const char* list, at::TensorList ts);
+
+template <const OpSpec& kSpec, typename Scalar>
+void compensated_autograd(at::TensorList avgs, at::TensorList comps, at::TensorList xs,
+                          Scalar scalar) {
+  check_not_inference(kSpec.name, "avgs", avgs);
+  check_not_inference(kSpec.name, "comps", comps);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    typed_compensated_op<kSpec, Scalar>().call(avgs, comps, xs, scalar);
+  }
+  bump_versions(avgs);
+  bump_versions(comps);
+}
+
+template <const OpSpec& kSpec>
+void compensated_from_python(pybind11::handle avgs, pybind11::handle comps, pybind11::handle xs,
+                             pybind11::handle scalar) {
+  BorrowedTensors c(kSpec.name, "comps", comps);
+  with_python_args(kSpec, avgs, xs, scalar, [&](at::TensorList a, at::TensorList x, const auto& s) {
+    using S = std::decay_t<decltype(s)>;
+    if constexpr (std::is_same_v<S, double>) {
+      typed_compensated_op<kSpec, double>().call(a, c.list(), x, s);
+    } else {
+      typed_compensated_op<kSpec, const at::Tensor&>().call(a, c.list(), x, s);
+    }
+  });
+}
+
+const c10::TypedOperatorHandle<at::Tensor(at::TensorList)>& nonfinite_flag_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("wavg_ext::nonfinite_flag", "")
+                             .typed<at::Tensor(at::TensorList)>();
+  return op;
+}
+at::Tensor nonfinite_flag_meta(at::TensorList xs) {
+  prepare_flag_inputs(xs);
+  return at::empty({}, at::TensorOptions().dtype(at::kInt).device(c10::kMeta));
+}
+at::Tensor nonfinite_flag_fallback(at::TensorList xs) {
+  prepare_flag_inputs(xs);
+  TORCH_CHECK_NOT_IMPLEMENTED(xs.empty(), "nonfinite_flag: no wavg_ext kernel for tensors on ",
+                              xs.empty() ? c10::Device(c10::kCPU) : xs[0].device(),
+                              " in this build; call wavg_ext.ops.nonfinite_flag");
+  return at::zeros({}, at::TensorOptions().dtype(at::kInt));
+}
+at::Tensor nonfinite_flag_autograd(at::TensorList xs) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return nonfinite_flag_op().call(xs);
 }
 
 // ---- basis ops: Meta, Autograd and fallback kernels, Python entries ----------------
@@ -479,18 +571,32 @@ TORCH_LIBRARY(wavg_ext, m) {
   m.impl("project_", &wavg_ext::project_##kind);                   \
   m.impl("orthonormalize_", &wavg_ext::orthonormalize_##kind)
 
+// The compensated ops' two overloads, and nonfinite_flag, for one kind of kernel.
+#define WAVG_EXT_IMPL_COMPENSATED_OPS(kernel, flag)                                        \
+  m.impl("running_mean_compensated_",                                                      \
+         &wavg_ext::kernel<wavg_ext::kRunningMeanCompensatedSpec, double>);                \
+  m.impl("running_mean_compensated_.Tensor",                                               \
+         &wavg_ext::kernel<wavg_ext::kRunningMeanCompensatedSpec, const at::Tensor&>);     \
+  m.impl("ema_compensated_", &wavg_ext::kernel<wavg_ext::kEmaCompensatedSpec, double>);    \
+  m.impl("ema_compensated_.Tensor",                                                        \
+         &wavg_ext::kernel<wavg_ext::kEmaCompensatedSpec, const at::Tensor&>);             \
+  m.impl("nonfinite_flag", &wavg_ext::flag)
+
 TORCH_LIBRARY_IMPL(wavg_ext, Meta, m) {
   WAVG_EXT_IMPL_ALL_OPS(validate_only);
+  WAVG_EXT_IMPL_COMPENSATED_OPS(compensated_validate_only, nonfinite_flag_meta);
   WAVG_EXT_IMPL_BASIS_OPS(meta);
 }
 
 TORCH_LIBRARY_IMPL(wavg_ext, CompositeExplicitAutograd, m) {
   WAVG_EXT_IMPL_ALL_OPS(no_kernel);
+  WAVG_EXT_IMPL_COMPENSATED_OPS(compensated_no_kernel, nonfinite_flag_fallback);
   WAVG_EXT_IMPL_BASIS_OPS(fallback);
 }
 
 TORCH_LIBRARY_IMPL(wavg_ext, Autograd, m) {
   WAVG_EXT_IMPL_ALL_OPS(autograd_kernel);
+  WAVG_EXT_IMPL_COMPENSATED_OPS(compensated_autograd, nonfinite_flag_autograd);
   WAVG_EXT_IMPL_BASIS_OPS(autograd);
 }
 
@@ -515,6 +621,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("ema_", &wavg_ext::call_from_python<wavg_ext::kEmaSpec>);
   m.def("accumulate_", &wavg_ext::call_from_python<wavg_ext::kAccumulateSpec>);
   m.def("scale_copy_", &wavg_ext::call_from_python<wavg_ext::kScaleCopySpec>);
+  m.def("running_mean_compensated_",
+        &wavg_ext::compensated_from_python<wavg_ext::kRunningMeanCompensatedSpec>);
+  m.def("ema_compensated_", &wavg_ext::compensated_from_python<wavg_ext::kEmaCompensatedSpec>);
+  m.def("nonfinite_flag", [](pybind11::handle xs) {
+    wavg_ext::BorrowedTensors x("nonfinite_flag", "xs", xs);
+    return wavg_ext::nonfinite_flag_op().call(x.list());
+  });
+  m.def("check_nonfinite_flag", [](pybind11::handle xs) {
+    wavg_ext::BorrowedTensors x("nonfinite_flag", "xs", xs);
+    wavg_ext::prepare_flag_inputs(x.list());
+  });
+  m.def("check_compensated", [](const std::string& op, pybind11::handle avgs,
+                                pybind11::handle comps, pybind11::handle xs,
+                                pybind11::handle scalar) {
+    const wavg_ext::OpSpec& spec = wavg_ext::spec_by_name(op);
+    wavg_ext::BorrowedTensors c(spec.name, "comps", comps);
+    wavg_ext::with_python_args(spec, avgs, xs, scalar,
+                               [&](at::TensorList a, at::TensorList x, const auto& s) {
+                                 wavg_ext::prepare_compensated(spec, a, c.list(), x, s, false);
+                               });
+  });
   m.def("dots", &wavg_ext::dots_from_python);
   m.def("combine_", &wavg_ext::combine_from_python);
   m.def("project_", &wavg_ext::project_from_python);

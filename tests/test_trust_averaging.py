@@ -401,3 +401,125 @@ def test_float64_ema_moves_where_a_float32_one_stagnates():
     assert results[torch.float32] == 1.0
     expected = 1.0 + 2.0 ** -10 * (1.0 - 0.99999 ** 1000)
     assert abs(results[torch.float64] - expected) < 1e-13  # 1000 float64 roundings
+
+
+def test_compensated_float32_ema_tracks_float64():
+    results = {}
+    for kw in ({"average_dtype": torch.float64}, {"compensated": True}, {}):
+        m = lin(1.0)
+        opt = EMA(frozen_sgd(m), decay=0.99999, **kw)
+        opt.step()
+        set_all(m, 1.0 + 2.0 ** -10)
+        for _ in range(1000):
+            opt.step()
+        avg = averages(opt)[0]
+        results[tuple(kw)] = (avg.dtype, avg[0, 0].item(), opt.state_dict()["averaging"])
+    f64 = results[("average_dtype",)][1]
+    dtype, comp_avg, sd = results[("compensated",)]
+    assert dtype == torch.float32
+    value = comp_avg + sd["compensations"][0][0, 0].item()
+    assert abs(value - f64) < 1e-13  # the pair carries the float64 average
+    assert comp_avg == torch.tensor(f64, dtype=torch.float32).item()  # and the average is its nearest float32
+    assert results[()][1] == 1.0  # the plain float32 average never moved
+
+
+def test_compensated_resume_is_bit_identical():
+    def run(stop_at=None):
+        torch.manual_seed(0)
+        m = nn.Linear(3, 2)
+        opt = EMA(torch.optim.SGD(m.parameters(), lr=0.1), decay=0.9, compensated=True)
+        for i in range(12):
+            if i == stop_at:
+                sd = copy.deepcopy(opt.state_dict())
+                m2 = copy.deepcopy(m)
+                opt = EMA(torch.optim.SGD(m2.parameters(), lr=0.1), decay=0.9, compensated=True)
+                opt.load_state_dict(sd)
+                m = m2
+            for p in m.parameters():
+                p.grad = torch.full_like(p, 0.01 * (i + 1))
+            opt.step()
+        return opt.state_dict()["averaging"]
+    a, b = run(), run(stop_at=5)
+    for kind in ("averages", "compensations"):
+        assert all(torch.equal(x, y) for x, y in zip(a[kind], b[kind]))
+
+
+def test_compensated_average_converted_with_its_compensation():
+    m = lin(1.0)
+    opt = EMA(frozen_sgd(m), decay=0.99999, compensated=True)
+    opt.step()
+    set_all(m, 1.0 + 2.0 ** -10)
+    for _ in range(100):
+        opt.step()
+    sd = opt.state_dict()["averaging"]
+    value = sd["averages"][0].double() + sd["compensations"][0].double()
+    m.double()
+    set_all(m, 1.0 + 2.0 ** -10)
+    opt.step()
+    sd = opt.state_dict()["averaging"]
+    expected = value + 1e-5 * ((1.0 + 2.0 ** -10) - value)
+    assert sd["averages"][0].dtype == torch.float64
+    assert (sd["averages"][0] + sd["compensations"][0] - expected).abs().max().item() < 1e-15
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_skip_nonfinite_swa(compensated):
+    m = lin(1.0)
+    opt = SWA(frozen_sgd(m), skip_nonfinite=True, compensated=compensated)
+    for v in (2.0, float("nan"), 3.0, float("inf"), 6.0):
+        set_all(m, v)
+        opt.step()
+    # samples: 2 (positions 0 and 1), 3, 6 -> 3.25; nan and inf skipped
+    assert opt.num_averaged == 4 and opt.num_skipped == 2
+    assert torch.equal(averages(opt)[0], torch.full((2, 2), 3.25))
+
+
+def test_skip_nonfinite_ema_copies_the_first_finite_sample():
+    m = lin(float("nan"))
+    opt = EMA(frozen_sgd(m), decay=0.5, skip_nonfinite=True)
+    opt.step()  # positions 0 and 1: NaN, skipped
+    assert opt.num_averaged == 0 and opt.num_skipped == 2
+    with pytest.raises(RuntimeError, match="no weights have been averaged"):
+        opt.averaged_parameters()
+    set_all(m, 4.0)
+    opt.step()  # copied
+    set_all(m, 2.0)
+    opt.step()  # 0.5 * 4 + 0.5 * 2
+    assert torch.equal(averages(opt)[0], torch.full((2, 2), 3.0)) and opt.num_averaged == 2
+
+
+def test_skip_nonfinite_buffers_and_period_without_samples():
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    set_all(m, 1.0)
+    opt = PSWA(frozen_sgd(m), steps_per_epoch=2, module=m, average_buffers=True, skip_nonfinite=True)
+    bn = m[1]
+    bn.num_batches_tracked.fill_(5)
+    bn.running_mean.fill_(float("nan"))  # every sample of the first period holds NaN
+    opt.step()
+    opt.step()  # period end: nothing to assign; the model keeps its weights
+    assert opt.num_skipped == 2 and opt.period_index == 1
+    assert torch.equal(m[0].weight.detach(), torch.ones(2, 2))
+    bn.running_mean.fill_(2.0)
+    bn.num_batches_tracked.fill_(7)
+    set_all(m, 3.0)
+    opt.step()
+    opt.step()  # period end: the average of the second period is assigned
+    assert torch.equal(m[0].weight.detach(), torch.full((2, 2), 3.0))
+    assert torch.equal(bn.running_mean, torch.full((2,), 2.0)) and int(bn.num_batches_tracked) == 7
+
+
+def test_skip_nonfinite_state_dict_round_trip():
+    m = lin(1.0)
+    opt = SWA(frozen_sgd(m), skip_nonfinite=True)
+    for v in (float("nan"), 5.0):
+        set_all(m, v)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    m2 = lin(0.0)
+    opt2 = SWA(frozen_sgd(m2), skip_nonfinite=True)
+    opt2.load_state_dict(sd)
+    # positions 0 and 1 (NaN) skipped, 2 is 5.0
+    assert (opt2.num_averaged, opt2.num_skipped) == (opt.num_averaged, opt.num_skipped) == (1, 2)
+    set_all(m2, 8.0)
+    opt2.step()
+    assert torch.equal(averages(opt2)[0], torch.full((2, 2), 6.5)) and opt2.num_averaged == 2

@@ -218,7 +218,8 @@ def test_list_lengths_differ(h, op, short, path):
 
 def _scalar_cases(op):
     cases = []
-    for v in (math.nan, math.inf, -math.inf):
+    cases += [(math.nan, ValueError)]  # (a NaN *tensor* is the gate: test_nan_tensor_scalar_is_a_gate)
+    for v in (math.inf, -math.inf):
         cases += [(v, ValueError), (torch.tensor(v), ValueError),
                   (torch.tensor(v, dtype=F64), ValueError)]
     if op == "running_mean_":
@@ -287,3 +288,17 @@ def test_same_message_on_every_path(h, op):
             messages.setdefault(case, set()).add(str(info.value))
     for case, msgs in messages.items():
         assert len(msgs) == 1, f"{case}: messages differ between paths: {msgs}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_nan_tensor_scalar_is_a_gate(h, op, path):
+    """A one-element tensor holding NaN leaves every output untouched, after validating
+    the lists as always (bad lists still raise)."""
+    outs, ins = _valid_lists(h, op)
+    before = [o.clone() for o in outs]
+    for dtype in (torch.float32, F64):
+        h.call(op, outs, ins, torch.tensor(math.nan, dtype=dtype), path)
+        assert all(torch.equal(a, b) for a, b in zip(outs, before))
+    with pytest.raises(ValueError):
+        h.call(op, outs, ins[:-1], torch.tensor(math.nan), path)

@@ -11,6 +11,11 @@ void running_mean_cuda(PairPlan& plan);
 void ema_cuda(PairPlan& plan);
 void accumulate_cuda(PairPlan& plan);
 void scale_copy_cuda(PairPlan& plan);
+void running_mean_compensated_cuda(PairPlan& plan);
+void ema_compensated_cuda(PairPlan& plan);
+// Sets *flag (a device int, zeroed by the caller) to 1 when any element of xs
+// (validated, dense, on one device) is NaN or +-inf.
+void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag);
 
 // Basis ops with one partner row (plan.ny == 1). rows_dot_cuda writes out[i] = <row i, y>
 // (float64 [na], device) using partials (float64 [row_chunks(plan) * na], device) as

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <map>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -99,7 +100,9 @@ struct PairFunctor {
     const int64_t n = chunk.n;
     out_t* __restrict__ out = static_cast<out_t*>(ptrs[0]) + chunk.start;
     const in_t* __restrict__ in = static_cast<const in_t*>(ptrs[1]) + chunk.start;
-    const auto fn = Op::template bind<opmath_t>(load_scalar(scalar));
+    const double s = load_scalar(scalar);
+    if (s != s) return;  // a NaN device scalar gates the update off (ScalarArg)
+    const auto fn = Op::template bind<opmath_t>(s);
     auto apply = [&](out_t a, in_t x) {
       const opmath_t av = Op::kReadsOut ? static_cast<opmath_t>(a) : opmath_t(0);
       return static_cast<out_t>(fn(av, static_cast<opmath_t>(x)));

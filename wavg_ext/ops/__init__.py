@@ -10,6 +10,10 @@ TypeError naming the offending list and index.
 The scalar argument may be a Python number or a one-element tensor. A CUDA tensor
 scalar is read by the kernel on the device, so a training step needs no host
 sync and can be captured in a CUDA graph (its value is then not range-checked).
+A one-element tensor scalar holding NaN is a gate: the call validates its
+arguments and leaves every output untouched. With :func:`nonfinite_flag` this
+makes an update conditional on the data without a host sync (the wrappers'
+``skip_nonfinite``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from . import reference
 Scalar = Union[float, int, torch.Tensor]
 TensorList = Iterable[torch.Tensor]
 
-__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "dots", "combine_", "project_",
-           "orthonormalize_", "orthonormalize_many_", "new_basis", "reference", "force_reference"]
+__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
+           "ema_compensated_", "nonfinite_flag", "dots", "combine_", "project_", "orthonormalize_",
+           "orthonormalize_many_", "new_basis", "reference", "force_reference"]
 
 # Device types with compiled kernels in this build (CUDA only when it was built).
 _KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _C.build_info()["cuda"] else ["cpu"])
@@ -103,6 +108,54 @@ def accumulate_(sums: TensorList, xs: TensorList, alpha: Scalar = 1.0) -> None:
 def scale_copy_(dsts: TensorList, srcs: TensorList, scale: Scalar = 1.0) -> None:
     """dst <- scale * src for every pair, cast to dst's dtype (dst is not read)."""
     _call("scale_copy_", ("dsts", "srcs"), dsts, srcs, scale)
+
+
+# --------------------------------------------------------------------------- compensated averages
+# An average kept as two tensors of its dtype whose sum is its value: avg (the nearest
+# representable value) and comp (the remainder). Each update runs in float64 and splits
+# the result again, so a float32 (or bfloat16) average keeps moving where its
+# per-update change is below half an ulp (EMA decay 0.99999, millions of SWA samples).
+
+
+def _call_compensated(op: str, avgs: TensorList, comps: TensorList, xs: TensorList, scalar: Scalar) -> None:
+    avgs, comps, xs = _as_list("avgs", avgs), _as_list("comps", comps), _as_list("xs", xs)
+    if not _use_kernels(avgs):
+        _C.check_compensated(op, avgs, comps, xs, scalar)
+        getattr(reference, op)(avgs, comps, xs, scalar)
+    elif torch.compiler.is_compiling():
+        packet = getattr(torch.ops.wavg_ext, op)
+        (packet.Tensor if isinstance(scalar, torch.Tensor) else packet.default)(avgs, comps, xs, scalar)
+    else:
+        getattr(_C, op)(avgs, comps, xs, scalar)
+
+
+def running_mean_compensated_(avgs: TensorList, comps: TensorList, xs: TensorList, count: Scalar) -> None:
+    """running_mean_ on compensated averages: (avg + comp) <- (avg + comp) + (x - (avg + comp)) / (count + 1),
+    in float64, then avg = the nearest value of its dtype and comp = the remainder.
+
+    ``count == 0`` copies x (comp gets x's remainder, zero when x has avg's dtype).
+    ``comps[i]`` has ``avgs[i]``'s dtype, shape and strides (``torch.zeros_like(avg)``);
+    averages are float32, float16/bfloat16 (of the same dtype's x) or float64 (whose
+    compensation stays zero)."""
+    _call_compensated("running_mean_compensated_", avgs, comps, xs, count)
+
+
+def ema_compensated_(avgs: TensorList, comps: TensorList, xs: TensorList, weight: Scalar) -> None:
+    """ema_ on compensated averages: (avg + comp) <- s + weight * (x - s) with s = avg + comp,
+    in float64, then split into avg and comp (see :func:`running_mean_compensated_`)."""
+    _call_compensated("ema_compensated_", avgs, comps, xs, weight)
+
+
+def nonfinite_flag(xs: TensorList) -> torch.Tensor:
+    """A 0-dim int32 tensor on the tensors' device: 1 when any element of any tensor is NaN
+    or +-inf, else 0. One fused pass; no host sync on CUDA."""
+    xs = _as_list("xs", xs)
+    if not _use_kernels(xs):
+        _C.check_nonfinite_flag(xs)
+        return reference.nonfinite_flag(xs)
+    if torch.compiler.is_compiling():
+        return torch.ops.wavg_ext.nonfinite_flag(xs)
+    return _C.nonfinite_flag(xs)
 
 
 # --------------------------------------------------------------------------- basis ops (TWA)

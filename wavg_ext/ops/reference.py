@@ -17,12 +17,17 @@ import torch
 
 Scalar = Union[float, int, torch.Tensor]
 
-__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "dots", "combine_", "project_",
-           "orthonormalize_"]
+__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
+           "ema_compensated_", "nonfinite_flag", "dots", "combine_", "project_", "orthonormalize_"]
 
 
 def _opmath(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+
+
+def _gated_off(value: Scalar) -> bool:
+    """A one-element tensor scalar holding NaN leaves the outputs untouched (as the kernels do)."""
+    return isinstance(value, torch.Tensor) and bool(torch.isnan(value.reshape(())).item())
 
 
 def _scalar(value: Scalar, dtype: torch.dtype, device: torch.device):
@@ -35,6 +40,8 @@ def _scalar(value: Scalar, dtype: torch.dtype, device: torch.device):
 @torch.no_grad()
 def running_mean_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], count: Scalar) -> None:
     """avg <- avg + (x - avg) / (count + 1); count == 0 copies x (even over NaN/inf)."""
+    if _gated_off(count):
+        return
     for avg, x in zip(avgs, xs):
         if avg.numel() == 0:
             continue
@@ -56,6 +63,8 @@ def running_mean_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], coun
 @torch.no_grad()
 def ema_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: Scalar) -> None:
     """avg <- avg + weight * (x - avg), with torch.lerp semantics."""
+    if _gated_off(weight):
+        return
     for avg, x in zip(avgs, xs):
         if avg.numel() == 0:
             continue
@@ -66,6 +75,8 @@ def ema_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: Scala
 @torch.no_grad()
 def accumulate_(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], alpha: Scalar = 1.0) -> None:
     """sum <- sum + alpha * x."""
+    if _gated_off(alpha):
+        return
     for s, x in zip(sums, xs):
         if s.numel() == 0:
             continue
@@ -76,11 +87,59 @@ def accumulate_(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], alpha:
 @torch.no_grad()
 def scale_copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], scale: Scalar = 1.0) -> None:
     """dst <- scale * src, cast to dst's dtype."""
+    if _gated_off(scale):
+        return
     for d, s in zip(dsts, srcs):
         if d.numel() == 0:
             continue
         op = _opmath(d, s)
         d.copy_(s.to(op) * _scalar(scale, op, d.device))
+
+
+# --------------------------------------------------------------------------- compensated averages
+
+
+def _compensated(avgs, comps, xs, weight: float, copy: bool) -> None:
+    for a, c, x in zip(avgs, comps, xs):
+        if a.numel() == 0:
+            continue
+        xv = x.to(torch.float64)
+        if copy:
+            v = xv
+        else:
+            s = a.to(torch.float64) + c.to(torch.float64)
+            v = s + weight * (xv - s)
+        a.copy_(v)
+        c.copy_(v - a.to(torch.float64))
+
+
+@torch.no_grad()
+def running_mean_compensated_(avgs, comps, xs, count: Scalar) -> None:
+    """(avg + comp) <- running mean with x in float64, split into avg and comp."""
+    if _gated_off(count):
+        return
+    n = float(count.reshape(()).item()) if isinstance(count, torch.Tensor) else float(count)
+    _compensated(avgs, comps, xs, 1.0 / (n + 1.0), n == 0.0)
+
+
+@torch.no_grad()
+def ema_compensated_(avgs, comps, xs, weight: Scalar) -> None:
+    """(avg + comp) <- lerp(avg + comp, x, weight) in float64, split into avg and comp."""
+    if _gated_off(weight):
+        return
+    w = float(weight.reshape(()).item()) if isinstance(weight, torch.Tensor) else float(weight)
+    _compensated(avgs, comps, xs, w, False)
+
+
+@torch.no_grad()
+def nonfinite_flag(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-dim int32: 1 when any element of any tensor is NaN or +-inf."""
+    device = xs[0].device if len(xs) else torch.device("cpu")
+    flag = torch.zeros((), dtype=torch.int32, device=device)
+    for x in xs:
+        if x.numel():
+            flag |= (~torch.isfinite(x)).any().to(torch.int32)
+    return flag
 
 
 # --------------------------------------------------------------------------- basis ops

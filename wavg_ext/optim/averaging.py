@@ -104,7 +104,18 @@ class WeightAveraging(_WrappedOptimizer):
         average_buffers: also average ``module``'s floating buffers (BN running stats)
             with the same rule; integer buffers (``num_batches_tracked``) are copied.
         average_dtype: dtype of the averages. Default: float32 for float16/bfloat16
-            tensors, the tensor's own dtype otherwise.
+            tensors, the tensor's own dtype otherwise. ``torch.float64`` gives averages
+            that do not stagnate, at twice the memory of float32 ones.
+        compensated: keep each average as a compensated pair (the average and the
+            rounding error the average's dtype could not hold, in a second buffer of the
+            same dtype), updated in float64 by :func:`wavg_ext.ops.running_mean_compensated_`
+            / :func:`~wavg_ext.ops.ema_compensated_`: a float32 average then tracks the
+            float64 one to a few float32 ulps (EMA decay 0.99999, 10^7 SWA samples) for
+            one more buffer. ``averaged_parameters()`` are the rounded averages.
+        skip_nonfinite: a sample whose weights (or averaged buffers) hold NaN/inf leaves
+            the averages untouched and counts in ``num_skipped``. No host sync: a fused
+            check sets a device-side flag that gates the update in the kernel; on such a
+            wrapper ``num_averaged``/``num_skipped`` read device counters (they sync).
     """
 
     method = "WeightAveraging"
@@ -130,6 +141,8 @@ class WeightAveraging(_WrappedOptimizer):
         module: Optional[nn.Module] = None,
         average_buffers: bool = False,
         average_dtype: Optional[torch.dtype] = None,
+        compensated: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(optimizer)  # checks optimizer; param_groups/state/defaults are the base's
         if rule not in ("mean", "momentum"):
@@ -152,7 +165,8 @@ class WeightAveraging(_WrappedOptimizer):
             last_fraction = _check_fraction("last_fraction", last_fraction)
         for flag_name, flag in (("include_period_start", include_period_start), ("assign", assign),
                                 ("reset", reset), ("reset_optimizer_state", reset_optimizer_state),
-                                ("average_buffers", average_buffers)):
+                                ("average_buffers", average_buffers), ("compensated", compensated),
+                                ("skip_nonfinite", skip_nonfinite)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
         if period is None:
@@ -198,6 +212,8 @@ class WeightAveraging(_WrappedOptimizer):
         self.module = module
         self.average_buffers = average_buffers
         self.average_dtype = average_dtype
+        self.compensated = compensated
+        self.skip_nonfinite = skip_nonfinite
         # Samples of a period, fixed by the period length.
         self._fraction_n = None
         if period is not None and sample_fraction is not None:
@@ -240,8 +256,10 @@ class WeightAveraging(_WrappedOptimizer):
                 (buffer_names if b.is_floating_point() else other_names).append(name)
         dtensor_params = any(is_dtensor(p) for p in params)
         sources = [local_tensor(p.detach()) for p in params] + [m._buffers[k] for m, k in float_slots]
-        averages = [torch.empty_like(s, dtype=self._avg_dtype(s), memory_format=torch.preserve_format)
-                    for s in sources]
+        # (zeros with skip_nonfinite: its first-sample copy is a lerp with weight 1, exact only
+        # over finite averages)
+        make = torch.zeros_like if self.skip_nonfinite else torch.empty_like
+        averages = [make(s, dtype=self._avg_dtype(s), memory_format=torch.preserve_format) for s in sources]
         for i, (a, s) in enumerate(zip(averages, sources)):
             if not _pair_ok(a.dtype, s.dtype):
                 what = f"parameter {i}" if i < len(params) else f"buffer '{buffer_names[i - len(params)]}'"
@@ -261,6 +279,8 @@ class WeightAveraging(_WrappedOptimizer):
         self._float_slots = float_slots
         self._int_slots = int_slots
         self._averages = averages
+        # The compensations (the part of each average its dtype cannot hold), laid out alike.
+        self._comps = [torch.zeros_like(a) for a in averages] if self.compensated else []
         self._buffer_names = buffer_names
         self._int_buffer_names = other_names
         self._int_averages = [b.clone() for b in int_buffers]
@@ -287,17 +307,35 @@ class WeightAveraging(_WrappedOptimizer):
         return srcs + [m._buffers[k] for m, k in self._float_slots]
 
     def _regroup(self) -> None:
-        """One (averages, sources) pair of lists per device: one fused call per device."""
+        """One (averages, sources, compensations) triple of lists per device: one fused call per
+        device (compensations empty without ``compensated``); with ``skip_nonfinite``, each
+        device keeps its counters (samples in the average, samples skipped) as 0-dim tensors."""
         sources = self._current_sources()
-        groups: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        groups: Dict[torch.device, Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]] = {}
         group_of: Dict[torch.device, List[int]] = {}
         for i, (s, a) in enumerate(zip(sources, self._averages)):
-            g = groups.setdefault(s.device, ([], []))
+            g = groups.setdefault(s.device, ([], [], []))
             g[0].append(a)
             g[1].append(s)
+            if self.compensated:
+                g[2].append(self._comps[i])
             group_of.setdefault(s.device, []).append(i)
         self._groups = list(groups.values())
         self._group_indices = list(group_of.values())
+        if self.skip_nonfinite:
+            # Kept per device; a new device gets a (device-to-device, no host sync) copy.
+            old: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = getattr(self, "_device_counts", {})
+            any_old = next(iter(old.values()), None)
+            new = {}
+            for d in groups:
+                if d in old:
+                    new[d] = old[d]
+                elif any_old is not None:
+                    new[d] = (any_old[0].to(d, copy=True), any_old[1].to(d, copy=True))
+                else:
+                    new[d] = (torch.zeros((), dtype=torch.float64, device=d),
+                              torch.zeros((), dtype=torch.float64, device=d))
+            self._device_counts = new
         self._buffers_seen = sources[self._num_params:]
         # What _follow_model compares the parameters with before each step (DTensor
         # parameters: their local shards are re-read before each use instead).
@@ -374,8 +412,13 @@ class WeightAveraging(_WrappedOptimizer):
             any(b is not c for b, c in zip(int_buffers, self._int_buffers_seen))
         with torch.no_grad():
             for i, (device, dtype) in plans.items():
-                self._averages[i] = self._averages[i].to(device=device, dtype=dtype,
-                                                         memory_format=torch.preserve_format)
+                if self.compensated:  # the pair's value, re-split in the new dtype
+                    value = self._averages[i].to(torch.float64) + self._comps[i].to(torch.float64)
+                    self._averages[i] = value.to(device=device, dtype=dtype)
+                    self._comps[i] = (value - self._averages[i].to(torch.float64)).to(device=device, dtype=dtype)
+                else:
+                    self._averages[i] = self._averages[i].to(device=device, dtype=dtype,
+                                                             memory_format=torch.preserve_format)
             for j, b in enumerate(int_buffers):
                 if self._int_averages[j].device != b.device:
                     self._int_averages[j] = self._int_averages[j].to(b.device)
@@ -384,26 +427,28 @@ class WeightAveraging(_WrappedOptimizer):
         self._regroup()
         return changed
 
-    def _run_ops(self, op: str, scalar: Any,
-                 pick: Callable[[List[torch.Tensor], List[torch.Tensor], List[int]], Tuple[list, list]]) -> None:
-        """Runs ``ops.<op>(outs, ins, scalar)`` for every device group, with ``(outs, ins) =
-        pick(averages, sources, positions)`` of the group. The ops validate everything before
-        they write, so when one refuses the model's tensors (a dtype or device changed under
-        a parameter), the wrapper adopts the model as it is now (:meth:`_adopt`) and runs
-        again; with several device groups all are validated first, so that a refusal never
-        comes after a group was updated."""
+    def _run_ops(self, op: str, scalar: Any, pick: Callable[..., Tuple[list, ...]], compensated: bool = False,
+                 scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None) -> None:
+        """Runs ``ops.<op>(*pick(averages, sources, compensations, positions), scalar)`` for every
+        device group (``scalars(self)``: one per group instead, e.g. device tensors). The ops validate
+        everything before they write, so when one refuses the model's tensors (a dtype or device
+        changed under a parameter behind the per-step check), the wrapper adopts the model as it
+        is now (:meth:`_adopt`) and runs again; with several device groups all are validated
+        first, so that a refusal never comes after a group was updated."""
         fn = getattr(ops, op)
+        check = _C.check_compensated if compensated else _C.check_args
         for attempt in (0, 1):
             if self._dtensor_params:
                 self._regroup()  # FSDP2 may have given a parameter a new local tensor
             try:
-                calls = [pick(avgs, srcs, positions) for (avgs, srcs), positions in
+                calls = [pick(avgs, srcs, comps, positions) for (avgs, srcs, comps), positions in
                          zip(self._groups, self._group_indices)]
+                per_group = scalars(self) if scalars is not None else [scalar] * len(calls)
                 if len(calls) > 1:
-                    for outs, ins in calls:
-                        _C.check_args(op, outs, ins, scalar)
-                for outs, ins in calls:
-                    fn(outs, ins, scalar)
+                    for args, sc in zip(calls, per_group):
+                        check(op, *args, sc)
+                for args, sc in zip(calls, per_group):
+                    fn(*args, sc)
                 return
             except (TypeError, ValueError):
                 if attempt or not self._adopt():
@@ -500,7 +545,17 @@ class WeightAveraging(_WrappedOptimizer):
         resets and counts the period; returns ``on_assign``'s exception, if any, for
         :meth:`_run_position` to raise once this bookkeeping is complete."""
         deferred: Optional[BaseException] = None
-        if self.assign:
+        if self.assign and self.skip_nonfinite:
+            # A period whose samples were all skipped has no average to assign: gated on the
+            # device counter (no host sync).
+            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (srcs, avgs),
+                          scalars=lambda me: [torch.where(me._device_counts[s[0].device][0] == 0, float("nan"), 1.0)
+                                              .to(torch.float64) for _, s, _ in me._groups])
+            with torch.no_grad():
+                for buf, avg in zip(self._int_buffers_seen, self._int_averages):
+                    count = self._device_counts.get(buf.device, next(iter(self._device_counts.values())))[0]
+                    buf.copy_(torch.where(count.to(buf.device) == 0, buf, avg))
+        elif self.assign:
             self._write_model(self._averages, self._int_averages)
         if self.reset_optimizer_state:
             self.optimizer.state.clear()
@@ -514,36 +569,100 @@ class WeightAveraging(_WrappedOptimizer):
             self._finished = True
             return deferred
         if self.reset_at_period_end:
-            self._num = 0
+            self._reset_count()
         if self.include_period_start:
             self._sample()
         return deferred
 
     def _sample(self) -> None:
         n = self._num
-        if n == 0:
-            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, _: (avgs, srcs))
+        if self.skip_nonfinite:
+            self._sample_gated()
+        elif self.compensated:
+            op, scalar = ("running_mean_compensated_", n) if n == 0 or self.rule == "mean" else \
+                ("ema_compensated_", self.momentum)
+            self._run_ops(op, scalar, lambda avgs, srcs, comps, _: (avgs, comps, srcs), compensated=True)
+        elif n == 0:
+            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (avgs, srcs))
         elif self.rule == "mean":
-            self._run_ops("running_mean_", n, lambda avgs, srcs, _: (avgs, srcs))
+            self._run_ops("running_mean_", n, lambda avgs, srcs, comps, _: (avgs, srcs))
         else:
-            self._run_ops("ema_", self.momentum, lambda avgs, srcs, _: (avgs, srcs))
-        if self._int_slots:
+            self._run_ops("ema_", self.momentum, lambda avgs, srcs, comps, _: (avgs, srcs))
+        if self._int_slots and not self.skip_nonfinite:
             torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
         self._num = n + 1
+
+    def _sample_gated(self) -> None:
+        """A sample under ``skip_nonfinite``, with no host sync: one fused NaN/inf check per
+        device sets a flag; the updates take their scalar as a device tensor that is NaN (the
+        ops' gate: outputs untouched) when any device's flag is set, and the per-device
+        counters advance on the device."""
+        flags = [ops.nonfinite_flag(srcs) for _, srcs, _ in self._groups]
+        if len(flags) > 1:  # a sample is skipped on every device or on none
+            total = sum(f.to(flags[0].device, non_blocking=True) for f in flags[1:]) + flags[0]
+            flags = [total.to(f.device, non_blocking=True) for f in flags]
+        bad = [f != 0 for f in flags]
+        counts = [self._device_counts[f.device] for f in flags]
+        nan = float("nan")
+
+        def gate(off: List[torch.Tensor], value: Callable[[torch.Tensor], Any]) -> Callable[..., List[Any]]:
+            return lambda _: [torch.where(o, nan, value(c)).to(torch.float64) for o, (c, _) in zip(off, counts)]
+
+        comp = self.compensated
+        mean_op = "running_mean_compensated_" if comp else "running_mean_"
+        pick = (lambda avgs, srcs, comps, _: (avgs, comps, srcs)) if comp else (lambda avgs, srcs, comps, _: (avgs, srcs))
+        if self.rule == "mean":
+            self._run_ops(mean_op, 0.0, pick, comp, scalars=gate(bad, lambda c: c))
+        else:
+            # The first sample of an average is copied (count 0), later ones are EMA updates:
+            # two gated calls, one of which does nothing.
+            first = [c == 0 for c, _ in counts]
+            self._run_ops(mean_op, 0.0, pick, comp,
+                          scalars=gate([b | ~f for b, f in zip(bad, first)], lambda c: torch.zeros_like(c)))
+            self._run_ops("ema_compensated_" if comp else "ema_", self.momentum, pick, comp,
+                          scalars=gate([b | f for b, f in zip(bad, first)],
+                                       lambda c: torch.full_like(c, self.momentum)))
+        with torch.no_grad():
+            for b, (count, skipped) in zip(bad, counts):
+                count.add_((~b).to(count.dtype))
+                skipped.add_(b.to(skipped.dtype))
+            by_device = {f.device: b for f, b in zip(flags, bad)}
+            for avg, buf in zip(self._int_averages, self._int_buffers_seen):
+                off = by_device.get(buf.device)
+                off = bad[0].to(buf.device, non_blocking=True) if off is None else off
+                avg.copy_(torch.where(off, avg, buf))
+
+    def _device_count(self) -> int:
+        """Samples in the current average under ``skip_nonfinite`` (reads a device counter)."""
+        return int(next(iter(self._device_counts.values()))[0].item())
 
     def _write_model(self, values: Sequence[torch.Tensor], int_values: Sequence[torch.Tensor]) -> None:
         """Copies ``values`` (one per position: parameters, then averaged buffers) and the
         integer buffers' values into the tensors the model uses now (cast to their dtypes)."""
-        self._run_ops("scale_copy_", 1.0, lambda _, srcs, positions: (srcs, [values[i] for i in positions]))
+        self._run_ops("scale_copy_", 1.0, lambda _, srcs, comps, positions: (srcs, [values[i] for i in positions]))
         if self._int_slots:
             torch._foreach_copy_(self._int_buffers_seen, list(int_values))
 
     # ----------------------------------------------------------------- public helpers
 
+    def _reset_count(self) -> None:
+        self._num = 0
+        if self.skip_nonfinite:
+            for count, _ in self._device_counts.values():
+                count.zero_()
+
     @property
     def num_averaged(self) -> int:
-        """Samples in the current average (0 right after a reset)."""
-        return self._num
+        """Samples in the current average (0 right after a reset). With ``skip_nonfinite``,
+        skipped samples do not count (this reads a device counter: it syncs)."""
+        return self._device_count() if self.skip_nonfinite else self._num
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples skipped for NaN/inf since the wrapper was made (``skip_nonfinite``; it syncs)."""
+        if not self.skip_nonfinite:
+            return 0
+        return int(next(iter(self._device_counts.values()))[1].item())
 
     @property
     def step_count(self) -> int:
@@ -561,7 +680,7 @@ class WeightAveraging(_WrappedOptimizer):
         return self._stash is not None
 
     def _require_average(self, what: str) -> None:
-        if self._num == 0:
+        if self.num_averaged == 0:
             raise RuntimeError(f"{what}: no weights have been averaged yet (num_averaged == 0)")
 
     def averaged_parameters(self) -> List[torch.Tensor]:
@@ -674,7 +793,7 @@ class WeightAveraging(_WrappedOptimizer):
         """Drops the current average: the next sample starts a new one."""
         if self._stash is not None:
             raise RuntimeError("reset() while swapped would drop the averages the model holds; swap() back first")
-        self._num = 0
+        self._reset_count()
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -685,6 +804,9 @@ class WeightAveraging(_WrappedOptimizer):
             "last_fraction": self.last_fraction, "include_period_start": self.include_period_start,
             "assign": self.assign, "reset": self.reset_at_period_end,
             "reset_optimizer_state": self.reset_optimizer_state, "average_buffers": self.average_buffers,
+            # (only when on: checkpoints of wrappers without them keep loading)
+            **({"compensated": True} if self.compensated else {}),
+            **({"skip_nonfinite": True} if self.skip_nonfinite else {}),
         }
 
     def state_dict(self, optimizer: bool = True) -> Dict[str, Any]:
@@ -703,7 +825,10 @@ class WeightAveraging(_WrappedOptimizer):
             "config": self._config(),
             "step": self._step,
             "processed": self._processed,
-            "num_averaged": self._num,
+            "num_averaged": self.num_averaged,
+            **({"num_skipped": self.num_skipped, "samples_attempted": self._num} if self.skip_nonfinite else {}),
+            **({"compensations": [like_param(c, p) for c, p in zip(self._comps, self._params)] +
+                self._comps[self._num_params:]} if self.compensated else {}),
             "period_index": self._period_index,
             "finished": self._finished,
             # DTensors for DTensor parameters (sharded like them, for torch.distributed.checkpoint)
@@ -741,24 +866,41 @@ class WeightAveraging(_WrappedOptimizer):
                              f"wrapper {len(self._averages)} and {len(self._int_averages)}")
         _check_saved_tensors("averages", saved, self._averages)
         _check_saved_tensors("integer_buffers", saved_int, self._int_averages)
+        saved_comps: List[torch.Tensor] = []
+        if self.compensated:
+            saved_comps = avg.get("compensations")
+            if not isinstance(saved_comps, (list, tuple)) or len(saved_comps) != len(self._comps):
+                raise ValueError(f"state dict 'compensations' must be a list of {len(self._comps)} tensors")
+            saved_comps = [local_tensor(t) for t in saved_comps]
+            _check_saved_tensors("compensations", saved_comps, self._comps)
+        skipped = _saved_int(avg, "num_skipped", 0) if self.skip_nonfinite else 0
+        attempted = _saved_int(avg, "samples_attempted", num) if self.skip_nonfinite else num
         if num > 0:  # one pass over the averages: a damaged checkpoint must not become the model
-            bad = [i for i, t in enumerate(saved) if t.numel() and not bool(torch.isfinite(t).all())]
-            if bad:
-                raise ValueError(f"state dict averages[{bad[0]}] ({self._position_name(bad[0])}) holds NaN or inf")
+            for kind, tensors in (("averages", saved), ("compensations", saved_comps)):
+                bad = [i for i, t in enumerate(tensors) if t.numel() and not bool(torch.isfinite(t).all())]
+                if bad:
+                    raise ValueError(f"state dict {kind}[{bad[0]}] ({self._position_name(bad[0])}) holds NaN or inf")
         if list(avg.get("buffer_names", ())) != self._buffer_names or \
                 list(avg.get("integer_buffer_names", ())) != self._int_buffer_names:
             raise ValueError("state dict averages other buffers than this wrapper's module has")
         # Device copies made before anything is changed: the commit below cannot fail halfway.
         new = [s.to(device=d.device) for s, d in zip(saved, self._averages)]
+        new_comps = [s.to(device=d.device) for s, d in zip(saved_comps, self._comps)]
         new_int = [s.to(device=d.device) for s, d in zip(saved_int, self._int_averages)]
 
         def commit() -> None:
             with torch.no_grad():
                 for s, d in zip(new, self._averages):
                     d.copy_(s)
+                for s, d in zip(new_comps, self._comps):
+                    d.copy_(s)
                 for s, d in zip(new_int, self._int_averages):
                     d.copy_(s)
-            self._step, self._processed, self._num = step, processed, num
+                if self.skip_nonfinite:
+                    for count, skip in self._device_counts.values():
+                        count.fill_(num)
+                        skip.fill_(skipped)
+            self._step, self._processed, self._num = step, processed, attempted
             self._period_index, self._finished = period_index, finished
 
         self._load_base_then(state_dict, optimizer, commit)
@@ -789,9 +931,11 @@ class SWA(WeightAveraging):
 
     def __init__(self, optimizer: Optimizer, start: int = 0, every: int = 1, *,
                  module: Optional[nn.Module] = None, average_buffers: bool = False,
-                 average_dtype: Optional[torch.dtype] = None) -> None:
+                 average_dtype: Optional[torch.dtype] = None,
+                 compensated: bool = False, skip_nonfinite: bool = False) -> None:
         super().__init__(optimizer, rule="mean", start=start, every=every, module=module,
-                         average_buffers=average_buffers, average_dtype=average_dtype)
+                         average_buffers=average_buffers, average_dtype=average_dtype,
+                         compensated=compensated, skip_nonfinite=skip_nonfinite)
 
 
 class EMA(WeightAveraging):
@@ -804,13 +948,15 @@ class EMA(WeightAveraging):
 
     def __init__(self, optimizer: Optimizer, decay: float = 0.999, every: int = 1, start: int = 0, *,
                  module: Optional[nn.Module] = None, average_buffers: bool = False,
-                 average_dtype: Optional[torch.dtype] = None) -> None:
+                 average_dtype: Optional[torch.dtype] = None,
+                 compensated: bool = False, skip_nonfinite: bool = False) -> None:
         decay = _check_real("decay", decay)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
         super().__init__(optimizer, rule="momentum", momentum=1.0 - decay, start=start, every=every,
-                         module=module, average_buffers=average_buffers, average_dtype=average_dtype)
+                         module=module, average_buffers=average_buffers, average_dtype=average_dtype,
+                         compensated=compensated, skip_nonfinite=skip_nonfinite)
 
 
 class PSWA(WeightAveraging):
@@ -827,11 +973,13 @@ class PSWA(WeightAveraging):
     def __init__(self, optimizer: Optimizer, steps_per_epoch: int, sample_fraction: float = 1.0,
                  start: int = 0, *, on_assign: Optional[Callable[[], Any]] = None,
                  reset_optimizer_state: bool = False, module: Optional[nn.Module] = None,
-                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None,
+                 compensated: bool = False, skip_nonfinite: bool = False) -> None:
         super().__init__(optimizer, rule="mean", start=start, period=steps_per_epoch,
                          sample_fraction=sample_fraction, assign=True, reset=True,
                          reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
-                         average_buffers=average_buffers, average_dtype=average_dtype)
+                         average_buffers=average_buffers, average_dtype=average_dtype,
+                         compensated=compensated, skip_nonfinite=skip_nonfinite)
 
 
 class PWALKS(WeightAveraging):
@@ -844,11 +992,13 @@ class PWALKS(WeightAveraging):
     def __init__(self, optimizer: Optimizer, steps_per_epoch: int, last_fraction: float,
                  start: int = 0, *, on_assign: Optional[Callable[[], Any]] = None,
                  reset_optimizer_state: bool = False, module: Optional[nn.Module] = None,
-                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None,
+                 compensated: bool = False, skip_nonfinite: bool = False) -> None:
         super().__init__(optimizer, rule="mean", start=start, period=steps_per_epoch,
                          last_fraction=last_fraction, assign=True, reset=True,
                          reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
-                         average_buffers=average_buffers, average_dtype=average_dtype)
+                         average_buffers=average_buffers, average_dtype=average_dtype,
+                         compensated=compensated, skip_nonfinite=skip_nonfinite)
 
 
 class PSWM(WeightAveraging):
@@ -864,11 +1014,13 @@ class PSWM(WeightAveraging):
                  sample_fraction: float = 1.0, start: int = 0, *,
                  on_assign: Optional[Callable[[], Any]] = None, reset_optimizer_state: bool = False,
                  module: Optional[nn.Module] = None, average_buffers: bool = False,
-                 average_dtype: Optional[torch.dtype] = None) -> None:
+                 average_dtype: Optional[torch.dtype] = None,
+                 compensated: bool = False, skip_nonfinite: bool = False) -> None:
         super().__init__(optimizer, rule="momentum", momentum=momentum, start=start, period=steps_per_epoch,
                          sample_fraction=sample_fraction, assign=True, reset=True,
                          reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
-                         average_buffers=average_buffers, average_dtype=average_dtype)
+                         average_buffers=average_buffers, average_dtype=average_dtype,
+                         compensated=compensated, skip_nonfinite=skip_nonfinite)
 
 
 class PeriodicSWA(WeightAveraging):
@@ -886,8 +1038,10 @@ class PeriodicSWA(WeightAveraging):
     def __init__(self, optimizer: Optimizer, period: int, start: int = 0, every: int = 1,
                  periods: Optional[int] = None, *, on_assign: Optional[Callable[[], Any]] = None,
                  reset_optimizer_state: bool = False, module: Optional[nn.Module] = None,
-                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None,
+                 compensated: bool = False, skip_nonfinite: bool = False) -> None:
         super().__init__(optimizer, rule="mean", start=start, every=every, period=period, periods=periods,
                          include_period_start=True, assign=True, reset=True,
                          reset_optimizer_state=reset_optimizer_state, on_assign=on_assign, module=module,
-                         average_buffers=average_buffers, average_dtype=average_dtype)
+                         average_buffers=average_buffers, average_dtype=average_dtype,
+                         compensated=compensated, skip_nonfinite=skip_nonfinite)
