@@ -1,10 +1,12 @@
 """Benchmark of the fused wavg_ext ops against pure-PyTorch ways of doing the same update.
 
-Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers] [--device cpu|cuda]
+Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers|twa|trust] [--device cpu|cuda]
 [--json PATH] [--plot PATH] [--repeats N] [--cases SUBSTR[,SUBSTR...]]``.
 
-Two suites: ``ops`` (below) and ``wrappers`` (the optimizer wrappers' per-step overhead,
-:mod:`wavg_ext.bench_wrappers`).
+Suites: ``ops`` (below), ``wrappers`` (the optimizer wrappers' per-step overhead,
+:mod:`wavg_ext.bench_wrappers`), ``twa`` (:mod:`wavg_ext.bench_twa`) and ``trust`` (what
+following the model, float64 and compensated averages and ``skip_nonfinite`` cost,
+:mod:`wavg_ext.bench_trust`).
 
 Cases are (op, shape set, dtype config). Every method of a case runs on the same data:
 the fused op, the pure-PyTorch baselines (``torch._foreach_*`` forms, a per-tensor Python
@@ -496,9 +498,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                              "fast calls get up to 25x more)")
     p.add_argument("--cases", metavar="SUBSTR", help="only cases whose id (op-shapes-dtype, or "
                    "step-method-shapes-dtype) contains one of these comma-separated substrings")
-    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa"], default="all",
+    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa", "trust"], default="all",
                    help="the fused averaging ops, the optimizer wrappers' per-step overhead, the TWA "
-                        "kernels (projection, orthonormalization), or all of them (default)")
+                        "kernels (projection, orthonormalization), the cost of the trust features (model "
+                        "check, float64/compensated averages, skip_nonfinite), or all of them (default)")
     args = p.parse_args(argv)
 
     cuda_ok = torch.cuda.is_available() and build_info()["cuda"]
@@ -512,19 +515,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.error("--plot needs matplotlib: pip install matplotlib")
     repeats = args.repeats or (5 if args.quick else 20)
     min_time = 0.05 if args.quick else 0.25
-    from . import bench_twa, bench_wrappers
+    from . import bench_trust, bench_twa, bench_wrappers
 
     cases = all_cases() if args.suite in ("all", "ops") else []
     wcases = bench_wrappers.all_cases(args.quick) if args.suite in ("all", "wrappers") else []
     tcases = bench_twa.all_cases(args.quick) if args.suite in ("all", "twa") else []
+    rcases = bench_trust.all_cases(args.quick) if args.suite in ("all", "trust") else []
     if args.cases:
         subs = args.cases.split(",")
         cases = [c for c in cases if any(s in c.id for s in subs)]
         wcases = [c for c in wcases if any(s in c.id for s in subs)]
         tcases = [c for c in tcases if any(s in c.id for s in subs)]
-        if not cases and not wcases and not tcases:
+        rcases = [c for c in rcases if any(s in c.id for s in subs)]
+        if not cases and not wcases and not tcases and not rcases:
             names = [c.id for c in all_cases()] + [c.id for c in bench_wrappers.all_cases()] + \
-                    [c.id for c in bench_twa.all_cases()]
+                    [c.id for c in bench_twa.all_cases()] + [c.id for c in bench_trust.all_cases()]
             p.error(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
 
     env = environment(device)
@@ -568,16 +573,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows = bench_twa.run_case(tcase, device, repeats, min_time, args.quick)
             trows += rows
             print("\n" + bench_twa.format_case(tcase, rows), flush=True)
+    rrows = []
+    if rcases:
+        rounds = args.repeats or (10 if args.quick else 40)
+        print("\nTrust features: the per-step model check, float64 and compensated averages, skip_nonfinite's "
+              "check and gated update,\nnext to the plain fused EMA update on the same float32 parameters.",
+              flush=True)
+        for rcase in rcases:
+            rows = bench_trust.run_case(rcase, device, rounds, args.quick)
+            rrows += rows
+            print("\n" + bench_trust.format_case(rcase, rows), flush=True)
     elapsed = time.perf_counter() - t_start
     load = os.getloadavg()[0]
-    print(f"\n{len(cases) + len(wcases) + len(tcases)} cases in {elapsed:.1f} s; load average now {load:.2f}")
+    print(f"\n{len(cases) + len(wcases) + len(tcases) + len(rcases)} cases in {elapsed:.1f} s; load average now "
+          f"{load:.2f}")
     if load > 0.5 * env["num_threads"] + 1:  # this run itself adds about 1
         print("WARNING: other processes competed for the cores during the run; the timings are noisy.")
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, args=vars(args), repeats=repeats, elapsed_s=elapsed,
-                           rows=[r for _, rows in results for r in rows], wrapper_rows=wrows, twa_rows=trows),
+                           rows=[r for _, rows in results for r in rows], wrapper_rows=wrows, twa_rows=trows,
+                           trust_rows=rrows),
                       f, indent=1)
         print(f"wrote {args.json}")
     if args.plot and results:
