@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
+import wavg_ext
 from wavg_ext import TWA, RankDeficientSampleWarning
 from wavg_ext.optim.twa import NonFiniteSampleWarning
 
@@ -572,3 +573,40 @@ def test_add_param_group_after_a_skipped_sample(h):
     for a, b in zip(twa.basis, ref.basis):
         h.assert_bits_equal(a, b, "basis")
     assert twa.basis[3][0].abs().sum() > 0  # the new parameters are in the sample
+
+
+# --------------------------------------------------------------------------- TWA follows the model
+
+
+def test_twa_follows_storage_and_replaced_parameters():
+    m = torch.nn.Linear(2, 2)
+    opt = wavg_ext.TWA(torch.optim.SGD(m.parameters(), lr=0.1), capacity=3)
+    opt.collect()
+    new = torch.nn.Parameter(torch.full((2, 2), 3.0))
+    opt.param_groups[0]["params"][0] = new  # the optimizer now trains `new` at position 0
+    with torch.no_grad():
+        m.bias.data = torch.full((2,), 5.0)  # new storage under the same parameter
+    opt.collect()
+    assert opt.num_basis == 2
+    # The second sample is (new, the bias' new storage): it lies in the span of the basis.
+    sample = torch.cat([new.detach().reshape(-1), m.bias.detach()]).double()
+    rows = torch.cat([b[:2].reshape(2, -1) for b in opt.basis], dim=1).double()
+    assert (rows.T @ (rows @ sample) - sample).abs().max().item() < 1e-5
+
+
+def test_twa_refuses_changes_it_cannot_follow_and_changes_nothing():
+    m = torch.nn.Linear(2, 2)
+    opt = wavg_ext.TWA(torch.optim.SGD(m.parameters(), lr=0.1), capacity=3)
+    opt.collect()
+    basis = [b.clone() for b in opt.basis]
+    opt.param_groups[0]["params"][1] = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"parameter 1 was replaced in param_groups by one of shape \[3\]"):
+        opt.collect()
+    opt.param_groups[0]["params"][1] = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        opt.collect()
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(RuntimeError, match="added or removed behind the wrapper"):
+        opt.step()
+    assert opt.num_basis == 1 and opt.num_samples == 1
+    assert all(torch.equal(a, b) for a, b in zip(basis, opt.basis))

@@ -819,6 +819,7 @@ class WeightAveraging(_WrappedOptimizer):
         """
         if self._stash is not None:
             raise RuntimeError("state_dict() while swapped: the model holds the averages; swap() back first")
+        self._follow_model()  # (after model.double(), the averages a fresh wrapper would have)
         return self._state({
             "version": self._state_version,
             "method": self.method,

@@ -176,6 +176,36 @@ class TWA(_WrappedOptimizer):
         self.rtol = rtol
         self._scratch = None  # sized for the old parameters
 
+    def _follow_params(self) -> None:
+        """Makes TWA work on the parameters the base optimizer holds now: a parameter object
+        replaced in ``param_groups`` takes its position (the basis rows are by position) when
+        its shape and dtype still fit the basis; anything else raises before a change. Storage
+        swapped under a parameter (``p.data = t``) needs nothing: the weights are re-read at
+        each use. One C++ identity comparison per parameter when nothing changed."""
+        changed = _C.changed_params([g["params"] for g in self.optimizer.param_groups], self._params)
+        if changed is None:
+            counts = [len(g["params"]) for g in self.optimizer.param_groups]
+            raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), TWA "
+                               f"has a basis of {len(self._params)}: parameters were added or removed behind the "
+                               "wrapper; add parameter groups through the wrapper's add_param_group")
+        if not changed:
+            return
+        current = self._flat_params()
+        params = list(self._params)
+        for i in changed:
+            p = current[i]
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                got = p.dtype if isinstance(p, torch.Tensor) else type(p).__name__
+                raise TypeError(f"parameter {i} was replaced in param_groups by {got}, not a floating tensor")
+            if p.shape != self._params[i].shape:
+                raise ValueError(f"parameter {i} was replaced in param_groups by one of shape {list(p.shape)}; its "
+                                 f"basis rows have shape {list(self._params[i].shape)}")
+            params[i] = p
+        detached = [local_tensor(p.detach()) for p in params]
+        _C.check_project(detached, self._basis, 1)  # dtypes and layouts still pair with the basis
+        self._vectors = ShardedVectors(params)
+        self._params = params
+
     def _weights(self) -> List[torch.Tensor]:
         # Detached afresh at each use: `p.data = ...` (vector_to_parameters, Module.to) gives a
         # parameter new storage that a cached detached view would not see.
@@ -208,7 +238,7 @@ class TWA(_WrappedOptimizer):
 
     @torch.compiler.disable
     def _before_base_step(self, closure: Optional[Callable[[], Any]]) -> Optional[Callable[[], Any]]:
-        self._check_params_unchanged(len(self._params))
+        self._follow_params()
         if not self._in_subspace:
             return closure
         if closure is None:
@@ -329,7 +359,7 @@ class TWA(_WrappedOptimizer):
         if self._k >= self.capacity:
             raise RuntimeError(f"collect(): the basis is full ({self.capacity} samples); make the TWA with a "
                                "larger capacity")
-        self._check_params_unchanged(len(self._params))
+        self._follow_params()
         try:
             accepted, residual = self._add_sample(self._weights())
         except _NonFiniteSample as e:
@@ -365,7 +395,7 @@ class TWA(_WrappedOptimizer):
             raise RuntimeError("start_subspace() was already called")
         if self._k == 0:
             raise RuntimeError("start_subspace(): the basis is empty; collect() samples first")
-        self._check_params_unchanged(len(self._params))
+        self._follow_params()
         k = self._k
         if init == "mean":
             ops.combine_(self._weights(), self._basis, self._coef_sum[:k] / self._num_samples, 1.0, 0.0)

@@ -127,11 +127,6 @@ class _WrappedOptimizer(Optimizer):
         """Every tensor of the base optimizer's groups, in order (the wrappers' parameter positions)."""
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _check_params_unchanged(self, count: int) -> None:
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) != count:
-            raise RuntimeError("the base optimizer's parameters changed since wrapping; add parameter "
-                               "groups through the wrapper's add_param_group")
-
     # ----------------------------------------------------------------- step
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
