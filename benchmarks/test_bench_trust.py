@@ -38,6 +38,11 @@ def test_trust_method(benchmark, device, method, finite):
         assert got.dtype == torch.int32 and int(got) == (not finite)
     elif method == "follow_check":
         assert all(a is b for a, b in zip(got, params))  # nothing changed: same parameters, no error
+    elif method == "sgd":  # one step with momentum: the buffers hold the gradients
+        assert all(torch.equal(b, torch.full_like(b, 1e-3)) for b in got)
+    elif method in ("wrapper_step", "wrapper_step_unchecked"):  # position 0 copied, then an EMA update
+        keep = [i for i in range(len(x)) if finite or i != BAD]  # (the weights moved by ~1e-12)
+        assert all((got[i].double() - x[i]).abs().max().item() <= 1e-6 for i in keep)
     elif method == "gated_ema_" and not finite:
         assert all(bool((a == 0).all()) for a in got)  # skipped: the averages are untouched
     else:

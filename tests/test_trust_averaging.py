@@ -523,3 +523,32 @@ def test_skip_nonfinite_state_dict_round_trip():
     set_all(m2, 8.0)
     opt2.step()
     assert torch.equal(averages(opt2)[0], torch.full((2, 2), 6.5)) and opt2.num_averaged == 2
+
+
+def test_a_chosen_average_dtype_that_cannot_follow_raises_and_changes_nothing():
+    m = lin(1.0, torch.float16)
+    opt = SWA(frozen_sgd(m), average_dtype=torch.float16, module=m)
+    opt.step()
+    m.float()
+    before = snapshot(opt, m)
+    with pytest.raises(TypeError, match=r"parameter 0 \('weight'\) is torch.float32 now: average_dtype torch.float16"):
+        opt.step()
+    assert_same(before, snapshot(opt, m))
+
+
+def test_a_reshape_that_keeps_numel_is_refused_by_the_update_and_retried():
+    # The per-step check reads dtype, device and numel only (one cache line per tensor);
+    # a reshape that keeps numel is refused by the update's own validation, after the
+    # base step, with the same message; the position is sampled once the shape is back.
+    m = lin(1.0)
+    opt = SWA(frozen_sgd(m), module=m)
+    opt.step()
+    averages_before = averages(opt)
+    m.weight.data = torch.full((4, 1), 3.0)
+    with pytest.raises(ValueError, match=r"parameter 0 \('weight'\) has shape \[4, 1\] now, its average \[2, 2\]"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(averages(opt), averages_before))
+    assert opt.num_averaged == 2 and opt.step_count == 2  # the base step ran; position 2 is pending
+    m.weight.data = torch.full((2, 2), 3.0)
+    opt.step()  # position 2 (weight 3.0), then position 3 (3.0)
+    assert opt.num_averaged == 4 and torch.equal(averages(opt)[0], torch.full((2, 2), 2.0))

@@ -339,7 +339,7 @@ class WeightAveraging(_WrappedOptimizer):
         self._buffers_seen = sources[self._num_params:]
         # What _follow_model compares the parameters with before each step (DTensor
         # parameters: their local shards are re-read before each use instead).
-        self._param_metadata = None if self._dtensor_params else _C.ParamMetadata(self._params)
+        self._param_metadata = None if self._dtensor_params else _C.param_metadata(self._params)
 
     def _follow_model(self) -> None:
         """Makes the wrapper work on the tensors the model holds now (averages follow the model).
@@ -353,17 +353,16 @@ class WeightAveraging(_WrappedOptimizer):
         this costs one C++ pass over the parameters' metadata; parameters added or removed
         behind the wrapper raise.
         """
-        changed = _C.changed_params([g["params"] for g in self.optimizer.param_groups], self._params,
-                                    self._param_metadata)
+        changed = _C.changed_params(self.optimizer.param_groups, self._params, self._param_metadata)
         if changed is None:
             counts = [len(g["params"]) for g in self.optimizer.param_groups]
             raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), the "
                                f"wrapper averages {self._num_params}: parameters were added or removed behind "
                                "the wrapper; add parameter groups through the wrapper's add_param_group")
-        buffers_changed = any(m._buffers.get(k) is not b for (m, k), b in zip(self._float_slots, self._buffers_seen))
-        if self._int_slots:
-            buffers_changed = buffers_changed or any(m._buffers.get(k) is not b for (m, k), b in
-                                                     zip(self._int_slots, self._int_buffers_seen))
+        buffers_changed = False
+        if self._float_slots or self._int_slots:
+            buffers_changed = any(m._buffers.get(k) is not b for (m, k), b in
+                                  zip(self._float_slots + self._int_slots, self._buffers_seen + self._int_buffers_seen))
         if changed or buffers_changed:
             self._adopt(self._flat_params())
 
@@ -398,6 +397,9 @@ class WeightAveraging(_WrappedOptimizer):
                     raise TypeError(f"{self._position_name(i)} has dtype {s.dtype} now; only floating tensors "
                                     "can be averaged")
                 dtype = a.dtype if _pair_ok(a.dtype, s.dtype) else self._avg_dtype(s)
+                if not _pair_ok(dtype, s.dtype):
+                    raise TypeError(f"{self._position_name(i)} is {s.dtype} now: average_dtype {dtype} cannot "
+                                    "average it (the averages must be float32, float64 or the tensor's own dtype)")
                 if s.device != a.device or dtype != a.dtype:
                     plans[i] = (s.device, dtype)
             int_buffers = [m._buffers[k] for m, k in self._int_slots]
@@ -456,13 +458,13 @@ class WeightAveraging(_WrappedOptimizer):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        state["_param_metadata"] = None  # a C++ object: rebuilt on load
+        state["_param_metadata"] = None  # a C++ object (a capsule): rebuilt on load
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         if not self._dtensor_params:
-            self._param_metadata = _C.ParamMetadata(self._params)
+            self._param_metadata = _C.param_metadata(self._params)
 
     def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.average_dtype is not None:

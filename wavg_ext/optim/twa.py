@@ -182,7 +182,7 @@ class TWA(_WrappedOptimizer):
         its shape and dtype still fit the basis; anything else raises before a change. Storage
         swapped under a parameter (``p.data = t``) needs nothing: the weights are re-read at
         each use. One C++ identity comparison per parameter when nothing changed."""
-        changed = _C.changed_params([g["params"] for g in self.optimizer.param_groups], self._params)
+        changed = _C.changed_params(self.optimizer.param_groups, self._params)
         if changed is None:
             counts = [len(g["params"]) for g in self.optimizer.param_groups]
             raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), TWA "
