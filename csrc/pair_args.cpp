@@ -59,8 +59,10 @@ std::string pair_rule_text(PairRule rule) {
 // Validates the lists. With a plan, it also records each non-empty pair that is
 // dense with the same layout on both sides as a view (the usual case, done in the
 // same pass) and returns the indices of the other pairs for plan_slow_pairs().
+// `aux` (the compensated ops' comps, checked against outs by check_comps) joins the
+// overlap check as outputs, and each planned pair gets its aux pointer.
 std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
-                                   PairPlan* plan) {
+                                   PairPlan* plan, at::TensorList aux = {}) {
   TORCH_CHECK_VALUE(outs.size() == ins.size(), spec.name, ": ", spec.out_name, " has ",
                     outs.size(), " tensors but ", spec.in_name, " has ", ins.size());
   TORCH_CHECK_VALUE(outs.size() < (size_t{1} << 31), spec.name, ": too many tensors");
@@ -105,10 +107,15 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
     const void* in_data = in.const_data_ptr();
     spans.push_back(span_of(out, out_data, out_dense, true, i, spec.out_name));
     spans.push_back(span_of(in, in_data, in_dense, false, i, spec.in_name));
+    void* aux_data = nullptr;
+    if (!aux.empty()) {
+      aux_data = aux[i].data_ptr();
+      spans.push_back(span_of(aux[i], aux_data, true, true, i, "comps"));
+    }
     if (!plan) continue;
     if (out_dense && in_dense && same_layout(out, in)) {
       plan->pairs.push_back({out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type(),
-                             static_cast<int64_t>(i)});
+                             static_cast<int64_t>(i), aux_data});
     } else {
       slow.push_back(i);
     }
@@ -158,7 +165,7 @@ ScalarArg scalar_from_tensor(const OpSpec& spec, const at::Tensor& t, at::Tensor
 // Kernels see each pair as two flat arrays in the same element order. Pairs that
 // are not both dense with the same strides run on temporaries instead.
 void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
-                     const std::vector<size_t>& slow, PairPlan& plan) {
+                     const std::vector<size_t>& slow, PairPlan& plan, at::TensorList aux = {}) {
   for (size_t i : slow) {
     const at::Tensor& out = outs[i];
     const at::Tensor& in = ins[i];
@@ -173,8 +180,10 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
       in_work.copy_(in);
       plan.temporaries.push_back(in_work);
     }
+    // (with aux, outs are dense: check_comps requires it, so out_work is out)
     plan.pairs.push_back({out_work.data_ptr(), in_work.const_data_ptr(), out.numel(),
-                          out.scalar_type(), in.scalar_type(), static_cast<int64_t>(i)});
+                          out.scalar_type(), in.scalar_type(), static_cast<int64_t>(i),
+                          aux.empty() ? nullptr : aux[i].data_ptr()});
   }
 }
 
@@ -186,27 +195,41 @@ void PairPlan::finish() {
   temporaries.clear();
 }
 
-PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins, double scalar,
-                       bool layout) {
-  PairPlan plan;
-  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr);
+namespace {
+
+void set_scalar(const OpSpec& spec, double scalar, at::TensorList, PairPlan& plan) {
   check_scalar_value(spec, scalar);
   plan.scalar.value = scalar;
-  if (layout) plan_slow_pairs(spec, outs, ins, slow, plan);
-  return plan;
 }
 
-PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
-                       const at::Tensor& scalar, bool layout) {
-  PairPlan plan;
-  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr);
+void set_scalar(const OpSpec& spec, const at::Tensor& scalar, at::TensorList outs, PairPlan& plan) {
   plan.scalar = scalar_from_tensor(spec, scalar, outs);
+}
+
+template <typename Scalar>
+PairPlan prepare_impl(const OpSpec& spec, at::TensorList outs, at::TensorList ins, const Scalar& scalar,
+                      bool layout, at::TensorList aux) {
+  PairPlan plan;
+  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr, aux);
+  set_scalar(spec, scalar, outs, plan);
   if (plan.scalar.skip) {
     plan.pairs.clear();  // validated, nothing to do
     return plan;
   }
-  if (layout) plan_slow_pairs(spec, outs, ins, slow, plan);
+  if (layout) plan_slow_pairs(spec, outs, ins, slow, plan, aux);
   return plan;
+}
+
+}  // namespace
+
+PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins, double scalar,
+                       bool layout) {
+  return prepare_impl(spec, outs, ins, scalar, layout, {});
+}
+
+PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
+                       const at::Tensor& scalar, bool layout) {
+  return prepare_impl(spec, outs, ins, scalar, layout, {});
 }
 
 namespace {
@@ -238,30 +261,11 @@ void check_comps(const OpSpec& spec, at::TensorList avgs, at::TensorList comps) 
   }
 }
 
-// No comp may overlap an avg, another comp or an x (prepare_pairs checked avgs/xs).
-void check_comps_overlap(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
-                         at::TensorList xs) {
-  if (avgs.empty() || avgs[0].device().type() == c10::DeviceType::Meta) return;
-  std::vector<Span> spans;
-  spans.reserve(3 * avgs.size());
-  for (size_t i = 0; i < avgs.size(); ++i) {
-    if (avgs[i].numel() == 0) continue;
-    spans.push_back(span_of(avgs[i], avgs[i].const_data_ptr(), true, true, i, "avgs"));
-    spans.push_back(span_of(comps[i], comps[i].const_data_ptr(), true, true, i, "comps"));
-    const bool dense = xs[i].is_non_overlapping_and_dense();
-    spans.push_back(span_of(xs[i], xs[i].const_data_ptr(), dense, false, i, "xs"));
-  }
-  check_no_overlap(spec.name, spans);
-}
-
 template <typename Scalar>
 PairPlan prepare_compensated_impl(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
                                   at::TensorList xs, const Scalar& scalar, bool layout) {
   check_comps(spec, avgs, comps);
-  PairPlan plan = prepare_pairs(spec, avgs, xs, scalar, layout);
-  check_comps_overlap(spec, avgs, comps, xs);
-  for (PairView& p : plan.pairs) p.aux = comps[p.index].data_ptr();
-  return plan;
+  return prepare_impl(spec, avgs, xs, scalar, layout, comps);
 }
 
 }  // namespace

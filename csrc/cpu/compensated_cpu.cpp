@@ -59,22 +59,13 @@ void compensated_range(T* avg, T* comp, const in_t* x, int64_t n, double w, bool
 }
 
 void apply_compensated(const PairPlan& plan, double w, bool copy) {
-  std::vector<WorkItem> items;
-  std::vector<int64_t> starts;
-  cut_items(plan.pairs.size(), [&](size_t p) { return plan.pairs[p].numel; }, kItemElements, items,
-            starts);
-  for_items(starts, 1, kMinParallelElements, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      const WorkItem& it = items[k];
-      const PairView& pair = plan.pairs[it.index];
-      dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
-        using out_t = decltype(o);
-        using in_t = decltype(x);
-        compensated_range(static_cast<out_t*>(pair.out) + it.begin,
-                          static_cast<out_t*>(pair.aux) + it.begin,
-                          static_cast<const in_t*>(pair.in) + it.begin, it.end - it.begin, w, copy);
-      });
-    }
+  for_pair_items(plan, [&](const PairView& pair, int64_t begin, int64_t end) {
+    dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
+      using out_t = decltype(o);
+      using in_t = decltype(x);
+      compensated_range(static_cast<out_t*>(pair.out) + begin, static_cast<out_t*>(pair.aux) + begin,
+                        static_cast<const in_t*>(pair.in) + begin, end - begin, w, copy);
+    });
   });
 }
 

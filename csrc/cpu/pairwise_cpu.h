@@ -192,27 +192,32 @@ void for_items(const std::vector<int64_t>& starts, int64_t weight, int64_t min_t
   });
 }
 
-// Applies op to every pair of the plan: op.template bind<opmath_t>() gives a
-// callable Vec(Vec out, Vec in) for each opmath type.
-template <bool kReadsOut, typename Op>
-void apply_pairs(const PairPlan& plan, const Op& op) {
+// Runs f(pair, begin, end) over every pair of the plan, cut into work items of equal
+// bytes per thread (the elements [begin, end) of the pair).
+template <typename F>
+void for_pair_items(const PairPlan& plan, const F& f) {
   std::vector<WorkItem> items;
   std::vector<int64_t> starts;
   cut_items(plan.pairs.size(), [&](size_t p) { return plan.pairs[p].numel; }, kItemElements, items,
             starts);
   for_items(starts, 1, kMinParallelElements, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
-      const WorkItem& it = items[k];
-      const PairView& pair = plan.pairs[it.index];
-      dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
-        using out_t = decltype(o);
-        using in_t = decltype(x);
-        using opmath_t = pair_opmath_t<out_t, in_t>;
-        run_range<out_t, in_t, kReadsOut>(static_cast<out_t*>(pair.out) + it.begin,
-                                          static_cast<const in_t*>(pair.in) + it.begin,
-                                          it.end - it.begin, op.template bind<opmath_t>());
-      });
-    }
+    for (int64_t k = first; k < last; ++k) f(plan.pairs[items[k].index], items[k].begin, items[k].end);
+  });
+}
+
+// Applies op to every pair of the plan: op.template bind<opmath_t>() gives a
+// callable Vec(Vec out, Vec in) for each opmath type.
+template <bool kReadsOut, typename Op>
+void apply_pairs(const PairPlan& plan, const Op& op) {
+  for_pair_items(plan, [&](const PairView& pair, int64_t begin, int64_t end) {
+    dispatch_pair(pair.out_dtype, pair.in_dtype, [&](auto o, auto x) {
+      using out_t = decltype(o);
+      using in_t = decltype(x);
+      using opmath_t = pair_opmath_t<out_t, in_t>;
+      run_range<out_t, in_t, kReadsOut>(static_cast<out_t*>(pair.out) + begin,
+                                        static_cast<const in_t*>(pair.in) + begin, end - begin,
+                                        op.template bind<opmath_t>());
+    });
   });
 }
 
