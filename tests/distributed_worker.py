@@ -72,10 +72,50 @@ def make_wrapper(method: str, opt):
         return wavg_ext.PSWA(opt, steps_per_epoch=6, sample_fraction=0.5)
     if method == "TWA":
         return wavg_ext.TWA(opt, capacity=4, reg=1e-3)
+    if method == "SWA-skip":  # skip_nonfinite + compensated; see poison()
+        return wavg_ext.SWA(opt, start=3, every=2, skip_nonfinite=True, compensated=True)
     raise ValueError(method)
 
 
+POISON_STEP, POISON_ROW = 7, 5  # the sample after step 7 holds a NaN in row 5 of the first weight
+
+
+def poison(model, wrapper, rank: int, world: int):
+    """For SWA-skip: a base-optimizer post hook that writes NaN into one element of the first
+    Linear's weight after step POISON_STEP's base step (so that sample holds it), and a function
+    that puts the element back after the wrapper's step. Under FSDP2 only the rank whose shard
+    holds row POISON_ROW is poisoned: every rank must still skip the sample."""
+    weight = next(model.parameters())
+    saved = {}
+
+    def locate():
+        if not wavg_ext.distributed.is_dtensor(weight):
+            return weight.data, POISON_ROW
+        rows = weight.to_local()
+        per = (weight.shape[0] + world - 1) // world
+        owner = POISON_ROW // per
+        return (rows, POISON_ROW - owner * per) if owner == rank else (None, None)
+
+    def hook(opt, args, kwargs):
+        if wrapper.step_count + 1 == POISON_STEP:
+            rows, r = locate()
+            if rows is not None:
+                saved["value"] = rows[r, 0].item()
+                with torch.no_grad():
+                    rows[r, 0] = float("nan")
+
+    def restore():
+        if "value" in saved:
+            rows, r = locate()
+            with torch.no_grad():
+                rows[r, 0] = saved.pop("value")
+
+    wrapper.optimizer.register_step_post_hook(hook)
+    return restore
+
+
 def train(model, wrapper, data, steps, rank, world):
+    restore = poison(model, wrapper, rank, world) if getattr(wrapper, "skip_nonfinite", False) else None
     for i in steps:
         if isinstance(wrapper, wavg_ext.TWA) and i == TWA_START:
             wrapper.start_subspace("mean")
@@ -83,6 +123,8 @@ def train(model, wrapper, data, steps, rank, world):
         wrapper.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         wrapper.step()
+        if restore is not None:
+            restore()
         if isinstance(wrapper, wavg_ext.TWA) and i in TWA_COLLECT:
             wrapper.collect()
 
@@ -98,6 +140,8 @@ def result(model, wrapper):
         out["num_basis"] = wrapper.num_basis
     elif wrapper.num_averaged:  # PSWA ends on an epoch end: assigned to the weights and reset
         out["averages"] = [full(a) for a in wrapper.averaged_parameters()]
+    if getattr(wrapper, "skip_nonfinite", False):
+        out["num_skipped"], out["num_averaged"] = wrapper.num_skipped, wrapper.num_averaged
     return out
 
 
@@ -235,7 +279,7 @@ def main() -> None:
             results[f"resume-{method}"] = resume_scenario(method, rank, world, args.resume_from)
     else:
         for kind in ("ddp", "fsdp"):
-            for method in ("SWA", "EMA", "PSWA", "TWA"):
+            for method in ("SWA", "EMA", "PSWA", "TWA", "SWA-skip"):
                 results[f"{kind}-{method}"] = scenario(kind, method, rank, world)
         for method in ("SWA", "TWA"):
             results[f"ckpt-{method}"] = checkpoint_scenario(method, rank, world, args.out_dir)
@@ -243,7 +287,7 @@ def main() -> None:
         results["bn"] = bn_scenario(rank, world)
     if rank == 0:
         if not args.resume_from:
-            for method in ("SWA", "EMA", "PSWA", "TWA"):
+            for method in ("SWA", "EMA", "PSWA", "TWA", "SWA-skip"):
                 results[f"reference-{method}"] = run_reference(method)
             results["reference-from-checkpoints"] = from_checkpoints_run("plain", 0, 1)
         results["world"] = world

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
-METHODS = ["SWA", "EMA", "PSWA", "TWA"]
+METHODS = ["SWA", "EMA", "PSWA", "TWA", "SWA-skip"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
@@ -133,3 +133,14 @@ def test_distributed_benchmark_runs():
     assert len(lines) == 4
     sharded = lines[0].split()
     assert sharded[-2] == "3" and sharded[-1] == "12"  # one all-reduce of k = 3 floats
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_skip_nonfinite_skips_on_every_rank(runs, kind):
+    """The poisoned sample (a NaN in one rank's shard under FSDP2) is skipped by every rank,
+    as by one process: one skip, the same count, and finite averages equal to the reference."""
+    results, _ = runs
+    got, ref = results[f"{kind}-SWA-skip"], results["reference-SWA-skip"]
+    assert (got["num_skipped"], got["num_averaged"]) == (ref["num_skipped"], ref["num_averaged"])
+    assert ref["num_skipped"] == 1
+    assert all(bool(torch.isfinite(a).all()) for a in got["averages"])

@@ -599,10 +599,17 @@ class WeightAveraging(_WrappedOptimizer):
         device sets a flag; the updates take their scalar as a device tensor that is NaN (the
         ops' gate: outputs untouched) when any device's flag is set, and the per-device
         counters advance on the device."""
+        if self._dtensor_params:
+            self._regroup()  # FSDP2 may have given a parameter a new local tensor
         flags = [ops.nonfinite_flag(srcs) for _, srcs, _ in self._groups]
         if len(flags) > 1:  # a sample is skipped on every device or on none
             total = sum(f.to(flags[0].device, non_blocking=True) for f in flags[1:]) + flags[0]
             flags = [total.to(f.device, non_blocking=True) for f in flags]
+        if self._dtensor_params and torch.distributed.is_initialized():
+            # Sharded parameters (FSDP2): a NaN in one rank's shard skips the sample on every
+            # rank (an all-reduce of one int, asynchronous on NCCL: no host sync).
+            torch.distributed.all_reduce(flags[0])
+            flags = [flags[0]] + [flags[0].to(f.device, non_blocking=True) for f in flags[1:]]
         bad = [f != 0 for f in flags]
         counts = [self._device_counts[f.device] for f in flags]
         nan = float("nan")
