@@ -114,8 +114,8 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
     }
     if (!plan) continue;
     if (out_dense && in_dense && same_layout(out, in)) {
-      plan->pairs.push_back({out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type(),
-                             static_cast<int64_t>(i), aux_data});
+      plan->pairs.push_back(
+          {out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type(), aux_data});
     } else {
       slow.push_back(i);
     }
@@ -182,7 +182,7 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
     }
     // (with aux, outs are dense: check_comps requires it, so out_work is out)
     plan.pairs.push_back({out_work.data_ptr(), in_work.const_data_ptr(), out.numel(),
-                          out.scalar_type(), in.scalar_type(), static_cast<int64_t>(i),
+                          out.scalar_type(), in.scalar_type(),
                           aux.empty() ? nullptr : aux[i].data_ptr()});
   }
 }

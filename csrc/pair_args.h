@@ -74,7 +74,6 @@ struct PairView {
   int64_t numel;
   c10::ScalarType out_dtype;
   c10::ScalarType in_dtype;
-  int64_t index = -1;   // the pair's position in the caller's lists
   void* aux = nullptr;  // compensated ops: the compensation, laid out like out
 };
 

@@ -13,10 +13,11 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "../dtype_pairs.h"
 #include "../pair_args.h"
 
 namespace wavg_ext::cpu {
@@ -29,12 +30,6 @@ template <>
 struct OpMath<double> {
   using type = double;
 };
-
-// The arithmetic type of a pair: double when either side is float64 (a float64
-// average of float32/bfloat16 weights, or assigning one), float otherwise.
-template <typename A, typename B>
-using pair_opmath_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>,
-                                         double, float>;
 
 // Moves 2 * Vectorized<opmath>::size() elements of T between memory and two
 // opmath vectors (one Vectorized<T> for the 16-bit types into float; through a
@@ -103,39 +98,6 @@ void run_range(out_t* out, const in_t* in, int64_t n, const Op& op) {
   }
 }
 
-// Calls f(out_t{}, in_t{}) for the dtype pairs the validation admits.
-template <typename F>
-void dispatch_pair(c10::ScalarType out, c10::ScalarType in, const F& f) {
-  using c10::ScalarType;
-  using c10::BFloat16;
-  using c10::Half;
-  if (out == in) {
-    switch (out) {
-      case ScalarType::Float: return f(float{}, float{});
-      case ScalarType::Double: return f(double{}, double{});
-      case ScalarType::Half: return f(Half{}, Half{});
-      case ScalarType::BFloat16: return f(BFloat16{}, BFloat16{});
-      default: break;
-    }
-  } else if (out == ScalarType::Float) {
-    if (in == ScalarType::Half) return f(float{}, Half{});
-    if (in == ScalarType::BFloat16) return f(float{}, BFloat16{});
-    if (in == ScalarType::Double) return f(float{}, double{});
-  } else if (out == ScalarType::Double) {  // float64 averages of narrower tensors
-    if (in == ScalarType::Float) return f(double{}, float{});
-    if (in == ScalarType::Half) return f(double{}, Half{});
-    if (in == ScalarType::BFloat16) return f(double{}, BFloat16{});
-  }
-  if (in == ScalarType::Float) {
-    if (out == ScalarType::Half) return f(Half{}, float{});
-    if (out == ScalarType::BFloat16) return f(BFloat16{}, float{});
-  } else if (in == ScalarType::Double) {  // assigning float64 averages
-    if (out == ScalarType::Half) return f(Half{}, double{});
-    if (out == ScalarType::BFloat16) return f(BFloat16{}, double{});
-  }
-  TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);  // validated earlier
-}
-
 // Elements per work item: large enough to amortize the per-item dispatch, small
 // enough that splitting items between threads balances well.
 constexpr int64_t kItemElements = 32768;
@@ -201,7 +163,9 @@ void for_pair_items(const PairPlan& plan, const F& f) {
   cut_items(plan.pairs.size(), [&](size_t p) { return plan.pairs[p].numel; }, kItemElements, items,
             starts);
   for_items(starts, 1, kMinParallelElements, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) f(plan.pairs[items[k].index], items[k].begin, items[k].end);
+    for (int64_t k = first; k < last; ++k) {
+      f(plan.pairs[items[k].index], items[k].begin, items[k].end);
+    }
   });
 }
 

@@ -61,8 +61,6 @@ void launch_compensated(const std::vector<TensorEntry<3>>& entries, cudaStream_t
 // One launch sequence per (average dtype, input dtype) group of the validated pairs.
 void run_compensated(const PairPlan& plan, bool running_mean) {
   if (plan.pairs.empty()) return;
-  using c10::BFloat16;
-  using c10::Half;
   using c10::ScalarType;
   const c10::cuda::CUDAGuard guard(plan.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
@@ -72,29 +70,17 @@ void run_compensated(const PairPlan& plan, bool running_mean) {
     groups[{p.out_dtype, p.in_dtype}].push_back(
         {{p.out, const_cast<void*>(p.in), p.aux}, p.numel});
   }
-  for (const auto& [dtypes, entries] : groups) {
-    const auto [out, in] = dtypes;
-    if (out == ScalarType::Float && in == ScalarType::Float) {
-      launch_compensated<float, float>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Float && in == ScalarType::Half) {
-      launch_compensated<float, Half>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Float && in == ScalarType::BFloat16) {
-      launch_compensated<float, BFloat16>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Half && in == ScalarType::Half) {
-      launch_compensated<Half, Half>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::BFloat16 && in == ScalarType::BFloat16) {
-      launch_compensated<BFloat16, BFloat16>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Double && in == ScalarType::Double) {
-      launch_compensated<double, double>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Double && in == ScalarType::Float) {
-      launch_compensated<double, float>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Double && in == ScalarType::Half) {
-      launch_compensated<double, Half>(entries, stream, scalar, running_mean);
-    } else if (out == ScalarType::Double && in == ScalarType::BFloat16) {
-      launch_compensated<double, BFloat16>(entries, stream, scalar, running_mean);
-    } else {
-      TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);  // validated
-    }
+  for (const auto& group : groups) {
+    const c10::ScalarType out = group.first.first, in = group.first.second;
+    dispatch_pair(out, in, [&](auto o, auto x) {
+      using out_t = decltype(o);
+      using in_t = decltype(x);
+      if constexpr (kAveragePair<out_t, in_t>) {  // (the only pairs validation admits here)
+        launch_compensated<out_t, in_t>(group.second, stream, scalar, running_mean);
+      } else {
+        TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);
+      }
+    });
   }
 }
 
@@ -126,8 +112,12 @@ void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag) {
   }
   for (const auto& [dtype, entries] : groups) {
     switch (dtype) {
-      case ScalarType::Float: multi_tensor_apply<1>(entries, stream, 0, NonfiniteFunctor<float>{}, flag); break;
-      case ScalarType::Double: multi_tensor_apply<1>(entries, stream, 0, NonfiniteFunctor<double>{}, flag); break;
+      case ScalarType::Float:
+        multi_tensor_apply<1>(entries, stream, 0, NonfiniteFunctor<float>{}, flag);
+        break;
+      case ScalarType::Double:
+        multi_tensor_apply<1>(entries, stream, 0, NonfiniteFunctor<double>{}, flag);
+        break;
       case ScalarType::Half:
         multi_tensor_apply<1>(entries, stream, 0, NonfiniteFunctor<c10::Half>{}, flag);
         break;

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "../dtype_pairs.h"
 #include "../pair_args.h"
 #include "multi_tensor_apply.cuh"
 
@@ -34,12 +35,6 @@ template <>
 struct OpMath<double> {
   using type = double;
 };
-
-// The arithmetic type of a pair: double when either side is float64 (a float64
-// average of float32/bfloat16 weights, or assigning one), float otherwise.
-template <typename A, typename B>
-using pair_opmath_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>,
-                                         double, float>;
 
 // The op's scalar as the kernel receives it.
 struct ScalarSource {
@@ -175,58 +170,18 @@ void launch_pairs(const PairPlan& plan) {
   for (const PairView& p : plan.pairs) {
     groups[{p.out_dtype, p.in_dtype}].push_back({{p.out, const_cast<void*>(p.in)}, p.numel});
   }
-  for (const auto& [dtypes, entries] : groups) {
-    const auto [out, in] = dtypes;
-    using c10::BFloat16;
-    using c10::Half;
-    if (out == in) {
-      switch (out) {
-        case ScalarType::Float: launch_group<float, float, Op>(entries, stream, scalar); continue;
-        case ScalarType::Double: launch_group<double, double, Op>(entries, stream, scalar); continue;
-        case ScalarType::Half: launch_group<Half, Half, Op>(entries, stream, scalar); continue;
-        case ScalarType::BFloat16:
-          launch_group<BFloat16, BFloat16, Op>(entries, stream, scalar);
-          continue;
-        default: break;
+  for (const auto& group : groups) {
+    const c10::ScalarType out = group.first.first, in = group.first.second;
+    dispatch_pair(out, in, [&](auto o, auto x) {
+      using out_t = decltype(o);
+      using in_t = decltype(x);
+      // (no read-modify-write kernel for the pairs that only assign: validated away)
+      if constexpr (!Op::kReadsOut || kAveragePair<out_t, in_t>) {
+        launch_group<out_t, in_t, Op>(group.second, stream, scalar);
+      } else {
+        TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);
       }
-    } else if (out == ScalarType::Double && in == ScalarType::Float) {
-      launch_group<double, float, Op>(entries, stream, scalar);
-      continue;
-    } else if (out == ScalarType::Double && in == ScalarType::Half) {
-      launch_group<double, Half, Op>(entries, stream, scalar);
-      continue;
-    } else if (out == ScalarType::Double && in == ScalarType::BFloat16) {
-      launch_group<double, BFloat16, Op>(entries, stream, scalar);
-      continue;
-    } else if (in == ScalarType::Double) {
-      if constexpr (!Op::kReadsOut) {  // assigning float64 averages (validated)
-        switch (out) {
-          case ScalarType::Float: launch_group<float, double, Op>(entries, stream, scalar); continue;
-          case ScalarType::Half: launch_group<Half, double, Op>(entries, stream, scalar); continue;
-          case ScalarType::BFloat16:
-            launch_group<BFloat16, double, Op>(entries, stream, scalar);
-            continue;
-          default: break;
-        }
-      }
-    } else if (out == ScalarType::Float && in == ScalarType::Half) {
-      launch_group<float, Half, Op>(entries, stream, scalar);
-      continue;
-    } else if (out == ScalarType::Float && in == ScalarType::BFloat16) {
-      launch_group<float, BFloat16, Op>(entries, stream, scalar);
-      continue;
-    } else if (out == ScalarType::Half && in == ScalarType::Float) {
-      if constexpr (!Op::kReadsOut) {  // casting assignment only (validated)
-        launch_group<Half, float, Op>(entries, stream, scalar);
-        continue;
-      }
-    } else if (out == ScalarType::BFloat16 && in == ScalarType::Float) {
-      if constexpr (!Op::kReadsOut) {
-        launch_group<BFloat16, float, Op>(entries, stream, scalar);
-        continue;
-      }
-    }
-    TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);  // validated earlier
+    });
   }
 }
 
