@@ -353,12 +353,7 @@ class WeightAveraging(_WrappedOptimizer):
         this costs one C++ pass over the parameters' metadata; parameters added or removed
         behind the wrapper raise.
         """
-        changed = _C.changed_params(self.optimizer.param_groups, self._params, self._param_metadata)
-        if changed is None:
-            counts = [len(g["params"]) for g in self.optimizer.param_groups]
-            raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), the "
-                               f"wrapper averages {self._num_params}: parameters were added or removed behind "
-                               "the wrapper; add parameter groups through the wrapper's add_param_group")
+        changed = self._changed_params(self._params, "the wrapper averages", self._param_metadata)
         buffers_changed = False
         if self._float_slots or self._int_slots:
             buffers_changed = any(m._buffers.get(k) is not b for (m, k), b in
@@ -429,7 +424,7 @@ class WeightAveraging(_WrappedOptimizer):
         self._regroup()
         return changed
 
-    def _run_ops(self, op: str, scalar: Any, pick: Callable[..., Tuple[list, ...]], compensated: bool = False,
+    def _run_ops(self, op: str, scalar: Any, pick: Callable[..., Tuple[list, ...]],
                  scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None) -> None:
         """Runs ``ops.<op>(*pick(averages, sources, compensations, positions), scalar)`` for every
         device group (``scalars(self)``: one per group instead, e.g. device tensors). The ops validate
@@ -438,7 +433,7 @@ class WeightAveraging(_WrappedOptimizer):
         is now (:meth:`_adopt`) and runs again; with several device groups all are validated
         first, so that a refusal never comes after a group was updated."""
         fn = getattr(ops, op)
-        check = _C.check_compensated if compensated else _C.check_args
+        check = _C.check_compensated if op.endswith("_compensated_") else _C.check_args
         for attempt in (0, 1):
             if self._dtensor_params:
                 self._regroup()  # FSDP2 may have given a parameter a new local tensor
@@ -583,7 +578,7 @@ class WeightAveraging(_WrappedOptimizer):
         elif self.compensated:
             op, scalar = ("running_mean_compensated_", n) if n == 0 or self.rule == "mean" else \
                 ("ema_compensated_", self.momentum)
-            self._run_ops(op, scalar, lambda avgs, srcs, comps, _: (avgs, comps, srcs), compensated=True)
+            self._run_ops(op, scalar, lambda avgs, srcs, comps, _: (avgs, comps, srcs))
         elif n == 0:
             self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (avgs, srcs))
         elif self.rule == "mean":
@@ -621,14 +616,14 @@ class WeightAveraging(_WrappedOptimizer):
         mean_op = "running_mean_compensated_" if comp else "running_mean_"
         pick = (lambda avgs, srcs, comps, _: (avgs, comps, srcs)) if comp else (lambda avgs, srcs, comps, _: (avgs, srcs))
         if self.rule == "mean":
-            self._run_ops(mean_op, 0.0, pick, comp, scalars=gate(bad, lambda c: c))
+            self._run_ops(mean_op, 0.0, pick, scalars=gate(bad, lambda c: c))
         else:
             # The first sample of an average is copied (count 0), later ones are EMA updates:
             # two gated calls, one of which does nothing.
             first = [c == 0 for c, _ in counts]
-            self._run_ops(mean_op, 0.0, pick, comp,
+            self._run_ops(mean_op, 0.0, pick,
                           scalars=gate([b | ~f for b, f in zip(bad, first)], lambda c: torch.zeros_like(c)))
-            self._run_ops("ema_compensated_" if comp else "ema_", self.momentum, pick, comp,
+            self._run_ops("ema_compensated_" if comp else "ema_", self.momentum, pick,
                           scalars=gate([b | f for b, f in zip(bad, first)],
                                        lambda c: torch.full_like(c, self.momentum)))
         with torch.no_grad():

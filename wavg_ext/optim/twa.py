@@ -182,12 +182,7 @@ class TWA(_WrappedOptimizer):
         its shape and dtype still fit the basis; anything else raises before a change. Storage
         swapped under a parameter (``p.data = t``) needs nothing: the weights are re-read at
         each use. One C++ identity comparison per parameter when nothing changed."""
-        changed = _C.changed_params(self.optimizer.param_groups, self._params)
-        if changed is None:
-            counts = [len(g["params"]) for g in self.optimizer.param_groups]
-            raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), TWA "
-                               f"has a basis of {len(self._params)}: parameters were added or removed behind the "
-                               "wrapper; add parameter groups through the wrapper's add_param_group")
+        changed = self._changed_params(self._params, "TWA has a basis of")
         if not changed:
             return
         current = self._flat_params()
@@ -497,26 +492,27 @@ class TWA(_WrappedOptimizer):
                 raise ValueError(f"state dict basis[{i}] holds {_nonfinite_kind(b[:k])} in its rows [0, {k})")
         if not bool(torch.isfinite(coef).all()):
             raise ValueError(f"state dict coefficient_sum holds {_nonfinite_kind(coef)}")
-        # Everything is checked; should a copy still fail, the base optimizer and the basis go back.
-        base_before = copy.deepcopy(self.optimizer.state_dict()) if optimizer else None
+        # Everything is checked; should a copy still fail, the basis goes back (and
+        # _load_base_then puts the base optimizer back).
         rows_before = [b[: self._k].clone() for b in self._basis]  # rows >= num_basis are zero
         coef_before = self._coef_sum.clone()
-        try:
-            self._load_base(state_dict, optimizer)
-            with torch.no_grad():
-                for s, d in zip(basis, self._basis):  # rows >= k zeroed: they are by construction
-                    d[:k].copy_(s[:k])
-                    d[k:].zero_()
-                self._coef_sum.copy_(coef)
-        except BaseException:
-            with torch.no_grad():
-                for r, d in zip(rows_before, self._basis):
-                    d[: r.shape[0]].copy_(r)
-                    d[r.shape[0]:].zero_()
-                self._coef_sum.copy_(coef_before)
-            if base_before is not None:
-                self.optimizer.load_state_dict(base_before)
-            raise
+
+        def commit() -> None:
+            try:
+                with torch.no_grad():
+                    for s, d in zip(basis, self._basis):  # rows >= k zeroed: they are by construction
+                        d[:k].copy_(s[:k])
+                        d[k:].zero_()
+                    self._coef_sum.copy_(coef)
+            except BaseException:
+                with torch.no_grad():
+                    for r, d in zip(rows_before, self._basis):
+                        d[: r.shape[0]].copy_(r)
+                        d[r.shape[0]:].zero_()
+                    self._coef_sum.copy_(coef_before)
+                raise
+
+        self._load_base_then(state_dict, optimizer, commit)
         self._k, self._num_samples, self._in_subspace = k, n, in_subspace
         self._scratch = None
 

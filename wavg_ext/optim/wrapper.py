@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.optim import Optimizer
 
+from .. import _C
+
 __all__ = ["_WrappedOptimizer", "_check_int", "_check_real", "_check_fraction", "_check_saved_tensors"]
 
 
@@ -127,6 +129,19 @@ class _WrappedOptimizer(Optimizer):
         """Every tensor of the base optimizer's groups, in order (the wrappers' parameter positions)."""
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _changed_params(self, params: List[torch.Tensor], what: str, metadata: Any = None) -> List[int]:
+        """Positions where the base optimizer's parameters are no longer ``params`` (by identity,
+        or with ``metadata`` from ``_C.param_metadata`` by dtype, device and numel), in one C++
+        pass; RuntimeError when parameters were added or removed behind the wrapper (``what``:
+        how the wrapper's count is described)."""
+        changed = _C.changed_params(self.optimizer.param_groups, params, metadata)
+        if changed is None:
+            counts = [len(g["params"]) for g in self.optimizer.param_groups]
+            raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), "
+                               f"{what} {len(params)}: parameters were added or removed behind the wrapper; add "
+                               "parameter groups through the wrapper's add_param_group")
+        return changed
+
     # ----------------------------------------------------------------- step
 
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -159,10 +174,6 @@ class _WrappedOptimizer(Optimizer):
         out = {"optimizer": self.optimizer.state_dict()} if optimizer else {}
         out[self._state_key] = section
         return out
-
-    def _load_base(self, state_dict: Dict[str, Any], optimizer: bool) -> None:
-        if optimizer:
-            self.optimizer.load_state_dict(state_dict["optimizer"])  # raises before changing anything
 
     def _load_base_then(self, state_dict: Dict[str, Any], optimizer: bool, commit: Callable[[], None]) -> None:
         """Loads the base optimizer's section (when ``optimizer``), then runs ``commit``; if
