@@ -65,23 +65,25 @@ def _use_kernels(tensors) -> bool:
     return not _force_reference and device_type in _KERNEL_DEVICES
 
 
-def _call(op: str, names: tuple, outs: TensorList, ins: TensorList, scalar: Scalar) -> None:
-    outs = _as_list(names[0], outs)
-    ins = _as_list(names[1], ins)
-    first = outs[0] if outs else (ins[0] if ins else None)
+def _call(op: str, names: tuple, lists: tuple, scalar: Scalar) -> None:
+    """Runs a list op (``lists``: its tensor lists, named ``names``, the first the outputs;
+    three for the compensated ops) on the kernels or, for other devices / forced, checks
+    then runs the reference."""
+    lists = [_as_list(name, tensors) for name, tensors in zip(names, lists)]
+    first = next((t[0] for t in lists if len(t)), None)
     device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
     if _force_reference or device_type not in _KERNEL_DEVICES:
-        _C.check_args(op, outs, ins, scalar)
-        getattr(reference, op)(outs, ins, scalar)
+        (_C.check_compensated if len(lists) == 3 else _C.check_args)(op, *lists, scalar)
+        getattr(reference, op)(*lists, scalar)
     elif torch.compiler.is_compiling():
         # Traceable: the registered op, with its Meta kernel for fake tensors.
         packet = getattr(torch.ops.wavg_ext, op)
         overload = packet.Tensor if isinstance(scalar, torch.Tensor) else packet.default
-        overload(outs, ins, scalar)
+        overload(*lists, scalar)
     else:
         # Same op through the dispatcher, but reading the lists without converting
         # every tensor (torch.ops' conversion costs ~90 ns a tensor).
-        getattr(_C, op)(outs, ins, scalar)
+        getattr(_C, op)(*lists, scalar)
 
 
 def running_mean_(avgs: TensorList, xs: TensorList, count: Scalar) -> None:
@@ -89,7 +91,7 @@ def running_mean_(avgs: TensorList, xs: TensorList, count: Scalar) -> None:
 
     ``count == 0`` copies x into avg (whatever avg held, NaN included).
     """
-    _call("running_mean_", ("avgs", "xs"), avgs, xs, count)
+    _call("running_mean_", ("avgs", "xs"), (avgs, xs), count)
 
 
 def ema_(avgs: TensorList, xs: TensorList, weight: Scalar) -> None:
@@ -97,17 +99,17 @@ def ema_(avgs: TensorList, xs: TensorList, weight: Scalar) -> None:
 
     For an EMA with decay d, ``weight = 1 - d``.
     """
-    _call("ema_", ("avgs", "xs"), avgs, xs, weight)
+    _call("ema_", ("avgs", "xs"), (avgs, xs), weight)
 
 
 def accumulate_(sums: TensorList, xs: TensorList, alpha: Scalar = 1.0) -> None:
     """sum <- sum + alpha * x for every pair."""
-    _call("accumulate_", ("sums", "xs"), sums, xs, alpha)
+    _call("accumulate_", ("sums", "xs"), (sums, xs), alpha)
 
 
 def scale_copy_(dsts: TensorList, srcs: TensorList, scale: Scalar = 1.0) -> None:
     """dst <- scale * src for every pair, cast to dst's dtype (dst is not read)."""
-    _call("scale_copy_", ("dsts", "srcs"), dsts, srcs, scale)
+    _call("scale_copy_", ("dsts", "srcs"), (dsts, srcs), scale)
 
 
 # --------------------------------------------------------------------------- compensated averages
@@ -115,18 +117,6 @@ def scale_copy_(dsts: TensorList, srcs: TensorList, scale: Scalar = 1.0) -> None
 # representable value) and comp (the remainder). Each update runs in float64 and splits
 # the result again, so a float32 (or bfloat16) average keeps moving where its
 # per-update change is below half an ulp (EMA decay 0.99999, millions of SWA samples).
-
-
-def _call_compensated(op: str, avgs: TensorList, comps: TensorList, xs: TensorList, scalar: Scalar) -> None:
-    avgs, comps, xs = _as_list("avgs", avgs), _as_list("comps", comps), _as_list("xs", xs)
-    if not _use_kernels(avgs):
-        _C.check_compensated(op, avgs, comps, xs, scalar)
-        getattr(reference, op)(avgs, comps, xs, scalar)
-    elif torch.compiler.is_compiling():
-        packet = getattr(torch.ops.wavg_ext, op)
-        (packet.Tensor if isinstance(scalar, torch.Tensor) else packet.default)(avgs, comps, xs, scalar)
-    else:
-        getattr(_C, op)(avgs, comps, xs, scalar)
 
 
 def running_mean_compensated_(avgs: TensorList, comps: TensorList, xs: TensorList, count: Scalar) -> None:
@@ -137,13 +127,13 @@ def running_mean_compensated_(avgs: TensorList, comps: TensorList, xs: TensorLis
     ``comps[i]`` has ``avgs[i]``'s dtype, shape and strides (``torch.zeros_like(avg)``);
     averages are float32, float16/bfloat16 (of the same dtype's x) or float64 (whose
     compensation stays zero)."""
-    _call_compensated("running_mean_compensated_", avgs, comps, xs, count)
+    _call("running_mean_compensated_", ("avgs", "comps", "xs"), (avgs, comps, xs), count)
 
 
 def ema_compensated_(avgs: TensorList, comps: TensorList, xs: TensorList, weight: Scalar) -> None:
     """ema_ on compensated averages: (avg + comp) <- s + weight * (x - s) with s = avg + comp,
     in float64, then split into avg and comp (see :func:`running_mean_compensated_`)."""
-    _call_compensated("ema_compensated_", avgs, comps, xs, weight)
+    _call("ema_compensated_", ("avgs", "comps", "xs"), (avgs, comps, xs), weight)
 
 
 def nonfinite_flag(xs: TensorList) -> torch.Tensor:
