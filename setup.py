@@ -12,6 +12,11 @@ Environment switches:
   WAVG_EXT_CPU_CAPABILITY  auto|avx512|avx2|default: vector ISA of the CPU kernels.
                            auto (default) takes the best the build machine supports;
                            use avx2 or default to build for other machines.
+  WAVG_EXT_CUDA_EMULATION  auto|0|1   auto (default): in builds without CUDA kernels on
+                           Linux, also build the CUDA sources as host C++ against the
+                           emulation layer (csrc/cuda/emulation), for
+                           wavg_ext.testing.cuda_emulation(); 0: never; 1: always
+                           (not with WAVG_EXT_CUDA kernels).
   MAX_JOBS                 parallel compile jobs (ninja).
 """
 
@@ -80,6 +85,18 @@ def choose_cuda() -> bool:
     return possible if mode == "auto" else mode == "1"
 
 
+def choose_cuda_emulation(with_cuda: bool) -> bool:
+    mode = os.environ.get("WAVG_EXT_CUDA_EMULATION", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"WAVG_EXT_CUDA_EMULATION={mode!r}: expected auto, 0 or 1")
+    # ucontext fibers: Linux (glibc). The real kernels make the emulated ones moot.
+    possible = platform.system() == "Linux" and not with_cuda
+    if mode == "1" and not possible:
+        raise SystemExit("WAVG_EXT_CUDA_EMULATION=1 needs Linux and a build without CUDA kernels "
+                         "(the emulated kernels share the CUDA kernels' symbols)")
+    return possible if mode == "auto" else mode == "1"
+
+
 def choose_cuda_archs() -> str:
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if archs:
@@ -121,6 +138,9 @@ def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", *CPU_CAPABILITIES[cpu_capability][1]]
+    if choose_cuda_emulation(with_cuda):
+        sources += rel("csrc/cuda/emulation/*.cpp")
+        cxx.append("-DWAVG_EXT_CUDA_EMULATION_BUILT")
     kwargs = dict(
         name="wavg_ext._C",
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],

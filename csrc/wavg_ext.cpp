@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "basis_args.h"
+#include "cuda/emulation/control.h"
 #include "cpu/rows_cpu.h"
 #include "pair_args.h"
 
@@ -635,11 +636,33 @@ PYBIND11_MODULE(_C, m) {
 #else
     info["cuda"] = false;
 #endif
+#ifdef WAVG_EXT_CUDA_EMULATION_BUILT
+    info["cuda_emulation"] = true;
+#else
+    info["cuda_emulation"] = false;
+#endif
     info["cuda_version"] = WAVG_EXT_CUDA_VERSION;
     info["cuda_archs"] = WAVG_EXT_CUDA_ARCH_LIST;
     info["torch_version"] = WAVG_EXT_TORCH_VERSION;
     return info;
   });
+#ifdef WAVG_EXT_CUDA_EMULATION_BUILT
+  m.def("_set_cuda_emulation", &wavg_ext::emu::set_enabled,
+        "Routes this thread's ops on CPU tensors to the emulated CUDA kernels (on=True); "
+        "returns the previous setting.");
+  m.def("_cuda_emulation_enabled", &wavg_ext::emu::enabled,
+        "Whether this thread routes ops on CPU tensors to the emulated CUDA kernels.");
+  m.def("_cuda_emulation_stats", []() {
+    const wavg_ext::emu::Stats s = wavg_ext::emu::stats();
+    pybind11::dict d;
+    d["launches"] = s.launches;
+    d["blocks"] = s.blocks;
+    d["threads"] = s.threads;
+    return d;
+  }, "Emulated kernel launches, blocks and threads run so far (all threads).");
+  m.def("_cuda_emulation_selftest", &wavg_ext::emu::selftest,
+        "Runs one of the emulator's own test kernels (see emulation/selftest.cpp).");
+#endif
   m.def("running_mean_", &wavg_ext::call_from_python<wavg_ext::kRunningMeanSpec>);
   m.def("ema_", &wavg_ext::call_from_python<wavg_ext::kEmaSpec>);
   m.def("accumulate_", &wavg_ext::call_from_python<wavg_ext::kAccumulateSpec>);

@@ -57,7 +57,13 @@ BUILD_INFO = wavg_ext.build_info()
 CUDA_OK = torch.cuda.is_available() and bool(BUILD_INFO["cuda"])
 CUDA_REASON = "needs a CUDA device and wavg_ext built with CUDA kernels"
 requires_cuda = pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+EMULATION_OK = bool(BUILD_INFO.get("cuda_emulation"))
+EMULATION_REASON = "wavg_ext built without the emulated CUDA kernels (WAVG_EXT_CUDA_EMULATION=0)"
+requires_emulation = pytest.mark.skipif(not EMULATION_OK, reason=EMULATION_REASON)
+# "emulated": CPU tensors, the test body inside wavg_ext.testing.cuda_emulation(), so
+# every op runs the CUDA kernels' source on the emulator (see the `device` fixture).
+DEVICES = ["cpu", pytest.param("emulated", marks=[pytest.mark.cuda_emulation, requires_emulation]),
+           pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 SHORT = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64"}
@@ -140,7 +146,14 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return request.param
+    """"cpu", "cuda", or "emulated": then the test sees "cpu" and runs inside
+    wavg_ext.testing.cuda_emulation(), which must have launched emulated kernels."""
+    if request.param != "emulated":
+        yield request.param
+        return
+    from wavg_ext.testing import cuda_emulation
+    with cuda_emulation():
+        yield "cpu"
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 // accumulate_: sum <- sum + alpha * x on CPU.
 #include <torch/library.h>
 
+#include "../cuda/emulation/routing.h"
 #include "pairwise_cpu.h"
 
 namespace wavg_ext::cpu {
@@ -13,8 +14,10 @@ void run(PairPlan& plan) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
-  m.impl("accumulate_", &entry_float<kAccumulateSpec, run>);
-  m.impl("accumulate_.Tensor", &entry_tensor<kAccumulateSpec, run>);
+  m.impl("accumulate_", WAVG_EXT_CPU_OR_EMULATED((&entry_float<kAccumulateSpec, run>),
+                                           ((&entry_float<kAccumulateSpec, cuda::accumulate_cuda>))));
+  m.impl("accumulate_.Tensor", WAVG_EXT_CPU_OR_EMULATED((&entry_tensor<kAccumulateSpec, run>),
+                                                  ((&entry_tensor<kAccumulateSpec, cuda::accumulate_cuda>))));
 }
 
 }  // namespace wavg_ext::cpu

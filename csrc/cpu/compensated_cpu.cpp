@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 
+#include "../cuda/emulation/routing.h"
 #include "pairwise_cpu.h"
 
 namespace wavg_ext::cpu {
@@ -138,12 +139,24 @@ at::Tensor nonfinite_flag(at::TensorList xs) {
 
 TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
   m.impl("running_mean_compensated_",
-         &entry_compensated_float<kRunningMeanCompensatedSpec, run_running_mean>);
+         WAVG_EXT_CPU_OR_EMULATED(
+             (&entry_compensated_float<kRunningMeanCompensatedSpec, run_running_mean>),
+             ((&entry_compensated_float<kRunningMeanCompensatedSpec,
+                                        cuda::running_mean_compensated_cuda>))));
   m.impl("running_mean_compensated_.Tensor",
-         &entry_compensated_tensor<kRunningMeanCompensatedSpec, run_running_mean>);
-  m.impl("ema_compensated_", &entry_compensated_float<kEmaCompensatedSpec, run_ema>);
-  m.impl("ema_compensated_.Tensor", &entry_compensated_tensor<kEmaCompensatedSpec, run_ema>);
-  m.impl("nonfinite_flag", &nonfinite_flag);
+         WAVG_EXT_CPU_OR_EMULATED(
+             (&entry_compensated_tensor<kRunningMeanCompensatedSpec, run_running_mean>),
+             ((&entry_compensated_tensor<kRunningMeanCompensatedSpec,
+                                         cuda::running_mean_compensated_cuda>))));
+  m.impl("ema_compensated_",
+         WAVG_EXT_CPU_OR_EMULATED(
+             (&entry_compensated_float<kEmaCompensatedSpec, run_ema>),
+             ((&entry_compensated_float<kEmaCompensatedSpec, cuda::ema_compensated_cuda>))));
+  m.impl("ema_compensated_.Tensor",
+         WAVG_EXT_CPU_OR_EMULATED(
+             (&entry_compensated_tensor<kEmaCompensatedSpec, run_ema>),
+             ((&entry_compensated_tensor<kEmaCompensatedSpec, cuda::ema_compensated_cuda>))));
+  m.impl("nonfinite_flag", WAVG_EXT_CPU_OR_EMULATED((&nonfinite_flag), ((&cuda::nonfinite_flag_entry))));
 }
 
 }  // namespace wavg_ext::cpu

@@ -1,6 +1,7 @@
 // ema_: avg <- avg + weight * (x - avg) on CPU.
 #include <torch/library.h>
 
+#include "../cuda/emulation/routing.h"
 #include "pairwise_cpu.h"
 
 namespace wavg_ext::cpu {
@@ -13,8 +14,10 @@ void run(PairPlan& plan) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
-  m.impl("ema_", &entry_float<kEmaSpec, run>);
-  m.impl("ema_.Tensor", &entry_tensor<kEmaSpec, run>);
+  m.impl("ema_", WAVG_EXT_CPU_OR_EMULATED((&entry_float<kEmaSpec, run>),
+                                           ((&entry_float<kEmaSpec, cuda::ema_cuda>))));
+  m.impl("ema_.Tensor", WAVG_EXT_CPU_OR_EMULATED((&entry_tensor<kEmaSpec, run>),
+                                                  ((&entry_tensor<kEmaSpec, cuda::ema_cuda>))));
 }
 
 }  // namespace wavg_ext::cpu

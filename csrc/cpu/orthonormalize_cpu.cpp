@@ -2,8 +2,10 @@
 #include <torch/library.h>
 
 #include "../basis_composite.h"
+#include "../cuda/emulation/routing.h"
 #include "rows_cpu.h"
 
 TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
-  m.impl("orthonormalize_", &wavg_ext::orthonormalize_impl<wavg_ext::cpu::CpuRows>);
+  m.impl("orthonormalize_", WAVG_EXT_CPU_OR_EMULATED((&wavg_ext::orthonormalize_impl<wavg_ext::cpu::CpuRows>),
+                                    ((&wavg_ext::orthonormalize_impl<wavg_ext::cuda::CudaRows>))));
 }

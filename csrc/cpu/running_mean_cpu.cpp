@@ -1,6 +1,7 @@
 // running_mean_: avg <- avg + (x - avg) / (count + 1) on CPU; count 0 copies.
 #include <torch/library.h>
 
+#include "../cuda/emulation/routing.h"
 #include "pairwise_cpu.h"
 
 namespace wavg_ext::cpu {
@@ -19,8 +20,10 @@ void run(PairPlan& plan) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
-  m.impl("running_mean_", &entry_float<kRunningMeanSpec, run>);
-  m.impl("running_mean_.Tensor", &entry_tensor<kRunningMeanSpec, run>);
+  m.impl("running_mean_", WAVG_EXT_CPU_OR_EMULATED((&entry_float<kRunningMeanSpec, run>),
+                                           ((&entry_float<kRunningMeanSpec, cuda::running_mean_cuda>))));
+  m.impl("running_mean_.Tensor", WAVG_EXT_CPU_OR_EMULATED((&entry_tensor<kRunningMeanSpec, run>),
+                                                  ((&entry_tensor<kRunningMeanSpec, cuda::running_mean_cuda>))));
 }
 
 }  // namespace wavg_ext::cpu

@@ -7,8 +7,11 @@ namespace wavg_ext::cuda {
 void rows_mix_cuda(const RowPlan& plan, const double* m, double alpha, double beta) {
   TORCH_CHECK(plan.ny == 1, "wavg_ext: the CUDA rows_mix_ writes one partner row");
   if (plan.tasks.empty()) return;
-  const c10::cuda::CUDAGuard guard(plan.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
+  const DeviceGuard guard(plan.device);
+  const cudaStream_t stream = current_stream(plan.device);
+  KernelMemory memory;
+  add_row_memory(memory, plan);
+  memory.add(m, plan.na * static_cast<int64_t>(sizeof(double)));
   launch_rows<RowMixFunctor>(plan, stream, plan.na, m, alpha, beta);
 }
 

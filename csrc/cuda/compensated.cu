@@ -1,6 +1,8 @@
 // running_mean_compensated_ / ema_compensated_ and nonfinite_flag on CUDA (the
 // arithmetic is described in cpu/compensated_cpu.cpp): float64 per element,
 // the average split back into the nearest avg and the remainder comp.
+#include <ATen/ops/zeros.h>
+
 #include "ops_cuda.h"
 #include "pairwise.cuh"
 
@@ -38,15 +40,15 @@ struct CompensatedFunctor {
     const in_t* __restrict__ x = static_cast<const in_t*>(ptrs[1]) + chunk.start;
     T* __restrict__ comp = static_cast<T*>(ptrs[2]) + chunk.start;
     for (int64_t i = threadIdx.x; i < chunk.n; i += blockDim.x) {
-      const double xv = to_double(x[i]);
+      const double xv = to_double(load_global(x + i));
       double v = xv;
       if (!copy) {
-        const double sv = to_double(avg[i]) + to_double(comp[i]);
+        const double sv = to_double(load_global(avg + i)) + to_double(load_global(comp + i));
         v = fma(w, xv - sv, sv);
       }
       const T hi = from_double<T>(v);
-      avg[i] = hi;
-      comp[i] = from_double<T>(v - to_double(hi));
+      store_global(avg + i, hi);
+      store_global(comp + i, from_double<T>(v - to_double(hi)));
     }
   }
 };
@@ -62,9 +64,11 @@ void launch_compensated(const std::vector<TensorEntry<3>>& entries, cudaStream_t
 void run_compensated(const PairPlan& plan, bool running_mean) {
   if (plan.pairs.empty()) return;
   using c10::ScalarType;
-  const c10::cuda::CUDAGuard guard(plan.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
+  const DeviceGuard guard(plan.device);
+  const cudaStream_t stream = current_stream(plan.device);
   const ScalarSource scalar = scalar_source(plan.scalar);
+  KernelMemory memory;
+  add_plan_memory(memory, plan);
   std::map<std::pair<ScalarType, ScalarType>, std::vector<TensorEntry<3>>> groups;
   for (const PairView& p : plan.pairs) {
     groups[{p.out_dtype, p.in_dtype}].push_back(
@@ -91,8 +95,10 @@ struct NonfiniteFunctor {
   __device__ __forceinline__ void operator()(void* ptrs[1], const Chunk& chunk, int* flag) const {
     const T* __restrict__ p = static_cast<const T*>(ptrs[0]) + chunk.start;
     bool bad = false;
-    for (int64_t i = threadIdx.x; i < chunk.n; i += blockDim.x) bad |= !isfinite(to_double(p[i]));
-    if (bad) *flag = 1;
+    for (int64_t i = threadIdx.x; i < chunk.n; i += blockDim.x) {
+      bad |= !isfinite(to_double(load_global(p + i)));
+    }
+    if (bad) store_global(flag, 1);
   }
 };
 
@@ -104,11 +110,14 @@ void ema_compensated_cuda(PairPlan& plan) { run_compensated(plan, false); }
 void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag) {
   if (xs.empty()) return;
   using c10::ScalarType;
-  const c10::cuda::CUDAGuard guard(xs[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(xs[0].device().index()).stream();
+  const DeviceGuard guard(xs[0].device());
+  const cudaStream_t stream = current_stream(xs[0].device());
+  KernelMemory memory;
+  memory.add(flag, sizeof(int));
   std::map<ScalarType, std::vector<TensorEntry<1>>> groups;
   for (const at::Tensor& t : xs) {
     groups[t.scalar_type()].push_back({{const_cast<void*>(t.const_data_ptr())}, t.numel()});
+    memory.add(t.const_data_ptr(), t.numel() * static_cast<int64_t>(t.element_size()));
   }
   for (const auto& [dtype, entries] : groups) {
     switch (dtype) {
@@ -127,6 +136,13 @@ void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag) {
       default: TORCH_CHECK(false, "nonfinite_flag: unsupported dtype ", dtype);  // validated
     }
   }
+}
+
+at::Tensor nonfinite_flag_entry(at::TensorList xs) {
+  const std::vector<at::Tensor> ts = prepare_flag_inputs(xs);
+  at::Tensor flag = at::zeros({}, xs[0].options().dtype(at::kInt));
+  nonfinite_flag_cuda(ts, flag.data_ptr<int>());
+  return flag;
 }
 
 }  // namespace wavg_ext::cuda

@@ -13,13 +13,17 @@ int64_t row_chunks(const RowPlan& plan) {
 void rows_dot_cuda(const RowPlan& plan, double* partials, double* out) {
   TORCH_CHECK(plan.ny == 1, "wavg_ext: the CUDA rows_dot takes one partner row");
   if (plan.tasks.empty() || plan.na == 0) return;
-  const c10::cuda::CUDAGuard guard(plan.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
+  const DeviceGuard guard(plan.device);
+  const cudaStream_t stream = current_stream(plan.device);
   const int64_t na = plan.na;
+  const int64_t chunks = row_chunks(plan);
+  KernelMemory memory;
+  add_row_memory(memory, plan);
+  memory.add(partials, chunks * na * static_cast<int64_t>(sizeof(double)));
+  memory.add(out, na * static_cast<int64_t>(sizeof(double)));
   launch_rows<RowDotFunctor>(plan, stream, na, partials);
-  sum_partials_kernel<<<static_cast<unsigned>(na), kCleanupThreads, 0, stream>>>(
-      partials, row_chunks(plan), na, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel("sum_partials", sum_partials_kernel, dim3(static_cast<unsigned>(na)),
+                dim3(kCleanupThreads), stream, partials, chunks, na, out);
 }
 
 }  // namespace wavg_ext::cuda

@@ -9,49 +9,42 @@
 // includes only light headers so it compiles against torch's CPU wheel too.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <climits>
 #include <cstdint>
 #include <vector>
 
+#include "platform.cuh"
+
 namespace wavg_ext::cuda {
 
 constexpr int kBlockSize = 512;
 constexpr int64_t kChunkSize = 65536;
 constexpr int kMaxBlocks = 320;
+// Parameter bytes left for work_base, the functor and its arguments.
+constexpr int kParamReserve = 512;
 
-// Tensors per launch for a given number of lists, chosen so that the metadata
-// stays below the 4 KiB kernel-parameter limit of older toolkits.
+// Tensors one launch carries for a given number of lists: as many as the metadata
+// fits in this build's kernel-parameter space (kParamBytes: 4 KiB, or 32764 bytes on
+// CUDA >= 12.1), and no more than blocks, since each tensor takes at least one.
 template <int depth>
-struct MaxTensors;
-template <>
-struct MaxTensors<1> {
-  static constexpr int value = 110;
-};
-template <>
-struct MaxTensors<2> {
-  static constexpr int value = 64;
-};
-template <>
-struct MaxTensors<3> {
-  static constexpr int value = 48;
-};
+constexpr int max_tensors() {
+  constexpr int per_block = sizeof(uint16_t) + sizeof(int);
+  constexpr int per_tensor = depth * sizeof(void*) + sizeof(int64_t);
+  constexpr int fit = (kParamBytes - kParamReserve - kMaxBlocks * per_block) / per_tensor;
+  return fit < kMaxBlocks ? fit : kMaxBlocks;
+}
 
 template <int depth>
 struct TensorListMetadata {
-  static constexpr int kMaxTensors = MaxTensors<depth>::value;
+  static constexpr int kMaxTensors = max_tensors<depth>();
   void* addresses[depth][kMaxTensors];
   int64_t numel[kMaxTensors];
-  unsigned char block_to_tensor[kMaxBlocks];
+  uint16_t block_to_tensor[kMaxBlocks];
   int block_to_chunk[kMaxBlocks];
 };
-static_assert(sizeof(TensorListMetadata<1>) <= 4000 && sizeof(TensorListMetadata<2>) <= 4000 &&
-                  sizeof(TensorListMetadata<3>) <= 4000,
-              "metadata must fit the kernel parameter space with room for the functor");
-static_assert(MaxTensors<1>::value <= 255, "block_to_tensor is one byte");
+static_assert(kMaxBlocks <= UINT16_MAX + 1, "block_to_tensor is two bytes");
 
 // What a functor is told about its block's chunk: elements [start, start + n) of a
 // tensor of numel elements, and the chunk's index among all chunks of the call (in
@@ -102,12 +95,15 @@ template <int depth, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<TensorEntry<depth>>& entries, cudaStream_t stream,
                         int64_t work_base, Functor functor, Args... args) {
   using Meta = TensorListMetadata<depth>;
+  static_assert(sizeof(Meta) + kParamReserve <= static_cast<size_t>(kParamBytes),
+                "metadata must fit the kernel parameter space with room for the functor");
   Meta meta;
   int tensors = 0;
   int blocks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<depth><<<blocks, kBlockSize, 0, stream>>>(meta, work_base, functor, args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("multi_tensor_apply", multi_tensor_kernel<depth, Functor, Args...>,
+                  dim3(static_cast<unsigned>(blocks)), dim3(kBlockSize), stream, meta, work_base,
+                  functor, args...);
     work_base += blocks;
     blocks = 0;
   };
@@ -119,7 +115,7 @@ void multi_tensor_apply(const std::vector<TensorEntry<depth>>& entries, cudaStre
     meta.numel[tensors] = e.numel;
     ++tensors;
     for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      meta.block_to_tensor[blocks] = static_cast<uint16_t>(tensors - 1);
       meta.block_to_chunk[blocks] = static_cast<int>(c);
       ++blocks;
       const bool last_chunk = c == chunks - 1;

@@ -1,6 +1,9 @@
-// Host entry points of the CUDA kernels (defined in the .cu files, registered
-// for the CUDA dispatch key in register_cuda.cpp).
+// Host entry points of the CUDA kernels (defined in the .cu files and
+// basis_ops_cuda.cpp; registered for the CUDA dispatch key in register_cuda.cpp,
+// and, in the emulated build, reached from the CPU key: emulation/routing.h).
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include "../basis_args.h"
 #include "../pair_args.h"
@@ -16,6 +19,8 @@ void ema_compensated_cuda(PairPlan& plan);
 // Sets *flag (a device int, zeroed by the caller) to 1 when any element of xs
 // (validated, dense, on one device) is NaN or +-inf.
 void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag);
+// The nonfinite_flag op: validates, allocates the flag on the tensors' device, runs.
+at::Tensor nonfinite_flag_entry(at::TensorList xs);
 
 // Basis ops with one partner row (plan.ny == 1). rows_dot_cuda writes out[i] = <row i, y>
 // (float64 [na], device) using partials (float64 [row_chunks(plan) * na], device) as
@@ -23,5 +28,11 @@ void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag);
 int64_t row_chunks(const RowPlan& plan);
 void rows_dot_cuda(const RowPlan& plan, double* partials, double* out);
 void rows_mix_cuda(const RowPlan& plan, const double* m, double alpha, double beta);
+
+// The CUDA backend of basis_composite.h (scratch and results on the plan's device).
+struct CudaRows {
+  static at::Tensor dot(const RowPlan& plan, bool symmetric);
+  static void mix(const RowPlan& plan, const at::Tensor& m, double alpha, double beta, bool alias);
+};
 
 }  // namespace wavg_ext::cuda

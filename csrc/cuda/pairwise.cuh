@@ -10,8 +10,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -24,6 +23,7 @@
 #include "../dtype_pairs.h"
 #include "../pair_args.h"
 #include "multi_tensor_apply.cuh"
+#include "platform.cuh"
 
 namespace wavg_ext::cuda {
 
@@ -46,10 +46,10 @@ struct ScalarSource {
 __device__ __forceinline__ double load_scalar(const ScalarSource& s) {
   if (s.ptr == nullptr) return s.value;
   switch (s.kind) {
-    case 0: return static_cast<double>(*static_cast<const float*>(s.ptr));
-    case 1: return *static_cast<const double*>(s.ptr);
-    case 2: return static_cast<double>(*static_cast<const int64_t*>(s.ptr));
-    default: return static_cast<double>(*static_cast<const int32_t*>(s.ptr));
+    case 0: return static_cast<double>(load_global(static_cast<const float*>(s.ptr)));
+    case 1: return load_global(static_cast<const double*>(s.ptr));
+    case 2: return static_cast<double>(load_global(static_cast<const int64_t*>(s.ptr)));
+    default: return static_cast<double>(load_global(static_cast<const int32_t*>(s.ptr)));
   }
 }
 
@@ -68,7 +68,7 @@ __device__ __forceinline__ void load_pack(Pack<T, kVec>& dst, const T* src) {
   const uint4* s = reinterpret_cast<const uint4*>(src);
   uint4* d = reinterpret_cast<uint4*>(&dst);
 #pragma unroll
-  for (int w = 0; w < static_cast<int>(sizeof(Pack<T, kVec>) / 16); ++w) d[w] = s[w];
+  for (int w = 0; w < static_cast<int>(sizeof(Pack<T, kVec>) / 16); ++w) d[w] = load_global(s + w);
 }
 
 template <typename T, int kVec>
@@ -76,7 +76,7 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T, kVec>& src) {
   uint4* d = reinterpret_cast<uint4*>(dst);
   const uint4* s = reinterpret_cast<const uint4*>(&src);
 #pragma unroll
-  for (int w = 0; w < static_cast<int>(sizeof(Pack<T, kVec>) / 16); ++w) d[w] = s[w];
+  for (int w = 0; w < static_cast<int>(sizeof(Pack<T, kVec>) / 16); ++w) store_global(d + w, s[w]);
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -131,7 +131,7 @@ struct PairFunctor {
     }
     // Tail of an aligned chunk, or the whole of a misaligned one (e.g. x[1:]).
     for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
-      out[i] = apply(Op::kReadsOut ? out[i] : out_t(0), in[i]);
+      store_global(out + i, apply(Op::kReadsOut ? load_global(out + i) : out_t(0), load_global(in + i)));
     }
   }
 };
@@ -150,6 +150,19 @@ inline ScalarSource scalar_source(const ScalarArg& s) {
   return src;
 }
 
+// The memory the kernels of a pair plan may touch: every pair's out, in and aux, and
+// the device scalar.
+inline void add_plan_memory(KernelMemory& memory, const PairPlan& plan) {
+  for (const PairView& p : plan.pairs) {
+    memory.add(p.out, p.numel * static_cast<int64_t>(c10::elementSize(p.out_dtype)));
+    memory.add(p.in, p.numel * static_cast<int64_t>(c10::elementSize(p.in_dtype)));
+    if (p.aux != nullptr) memory.add(p.aux, p.numel * static_cast<int64_t>(c10::elementSize(p.out_dtype)));
+  }
+  if (plan.scalar.on_device()) {
+    memory.add(plan.scalar.device_ptr, static_cast<int64_t>(c10::elementSize(plan.scalar.device_dtype)));
+  }
+}
+
 template <typename out_t, typename in_t, typename Op>
 void launch_group(const std::vector<TensorEntry<2>>& entries, cudaStream_t stream,
                   const ScalarSource& scalar) {
@@ -162,9 +175,11 @@ template <typename Op>
 void launch_pairs(const PairPlan& plan) {
   if (plan.pairs.empty()) return;
   using c10::ScalarType;
-  const c10::cuda::CUDAGuard guard(plan.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(plan.device.index()).stream();
+  const DeviceGuard guard(plan.device);
+  const cudaStream_t stream = current_stream(plan.device);
   const ScalarSource scalar = scalar_source(plan.scalar);
+  KernelMemory memory;
+  add_plan_memory(memory, plan);
 
   std::map<std::pair<ScalarType, ScalarType>, std::vector<TensorEntry<2>>> groups;
   for (const PairView& p : plan.pairs) {

@@ -1,20 +1,11 @@
-// Registers the CUDA kernels for the CUDA dispatch key. Built only with CUDA.
-#include <ATen/ops/zeros.h>
+// Registers the CUDA kernels for the CUDA dispatch key. Built only with CUDA (the
+// emulated build reaches the same entries from the CPU key: emulation/routing.h).
 #include <torch/library.h>
 
+#include "../basis_composite.h"
 #include "ops_cuda.h"
 
 namespace wavg_ext::cuda {
-namespace {
-
-at::Tensor nonfinite_flag(at::TensorList xs) {
-  const std::vector<at::Tensor> ts = prepare_flag_inputs(xs);
-  at::Tensor flag = at::zeros({}, xs[0].options().dtype(at::kInt));
-  nonfinite_flag_cuda(ts, flag.data_ptr<int>());
-  return flag;
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(wavg_ext, CUDA, m) {
   m.impl("running_mean_", &entry_float<kRunningMeanSpec, running_mean_cuda>);
@@ -32,7 +23,11 @@ TORCH_LIBRARY_IMPL(wavg_ext, CUDA, m) {
   m.impl("ema_compensated_", &entry_compensated_float<kEmaCompensatedSpec, ema_compensated_cuda>);
   m.impl("ema_compensated_.Tensor",
          &entry_compensated_tensor<kEmaCompensatedSpec, ema_compensated_cuda>);
-  m.impl("nonfinite_flag", &nonfinite_flag);
+  m.impl("nonfinite_flag", &nonfinite_flag_entry);
+  m.impl("dots", &dots_impl<CudaRows>);
+  m.impl("combine_", &combine_impl<CudaRows>);
+  m.impl("project_", &project_impl<CudaRows>);
+  m.impl("orthonormalize_", &orthonormalize_impl<CudaRows>);
 }
 
 }  // namespace wavg_ext::cuda

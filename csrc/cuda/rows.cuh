@@ -8,9 +8,6 @@
 // slots in chunk order. No atomics: the same bits every run.
 #pragma once
 
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <map>
 #include <utility>
 #include <vector>
@@ -18,6 +15,7 @@
 #include "../basis_args.h"
 #include "multi_tensor_apply.cuh"
 #include "pairwise.cuh"
+#include "platform.cuh"
 
 namespace wavg_ext::cuda {
 
@@ -32,7 +30,8 @@ struct RowDotFunctor {
                                              double* partials) const {
     const a_t* __restrict__ a = static_cast<const a_t*>(ptrs[0]) + chunk.start;
     const y_t* __restrict__ y = static_cast<const y_t*>(ptrs[1]) + chunk.start;
-    __shared__ double warp_sums[kRowsPerPass][kBlockSize / 32];
+    constexpr int kWarps = kBlockSize / 32;
+    __shared__ SharedArray<double, kRowsPerPass * kWarps> warp_sums;  // [row][warp]
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32;
@@ -41,11 +40,12 @@ struct RowDotFunctor {
 #pragma unroll
       for (int r = 0; r < kRowsPerPass; ++r) acc[r] = 0.0;
       for (int64_t e = threadIdx.x; e < chunk.n; e += blockDim.x) {
-        const double yv = static_cast<double>(static_cast<opmath_t>(y[e]));
+        const double yv = static_cast<double>(static_cast<opmath_t>(load_global(y + e)));
 #pragma unroll
         for (int r = 0; r < kRowsPerPass; ++r) {
           if (i0 + r < na) {
-            const double av = static_cast<double>(static_cast<opmath_t>(a[(i0 + r) * chunk.numel + e]));
+            const double av =
+                static_cast<double>(static_cast<opmath_t>(load_global(a + (i0 + r) * chunk.numel + e)));
             acc[r] = fma(av, yv, acc[r]);
           }
         }
@@ -55,13 +55,13 @@ struct RowDotFunctor {
         for (int offset = 16; offset > 0; offset /= 2) {
           acc[r] += __shfl_down_sync(0xffffffffu, acc[r], offset);
         }
-        if (lane == 0) warp_sums[r][warp] = acc[r];
+        if (lane == 0) warp_sums[r * kWarps + warp] = acc[r];
       }
       __syncthreads();
       if (threadIdx.x < kRowsPerPass && i0 + threadIdx.x < na) {
         double s = 0.0;
-        for (int w = 0; w < warps; ++w) s += warp_sums[threadIdx.x][w];
-        partials[chunk.work * na + i0 + threadIdx.x] = s;
+        for (int w = 0; w < warps; ++w) s += warp_sums[threadIdx.x * kWarps + w];
+        store_global(partials + chunk.work * na + i0 + threadIdx.x, s);
       }
       __syncthreads();
     }
@@ -71,17 +71,17 @@ struct RowDotFunctor {
 // out[i] = sum over chunks w (in order, fixed tree) of partials[w * na + i]; one block per i.
 __global__ void __launch_bounds__(kCleanupThreads)
     sum_partials_kernel(const double* partials, int64_t chunks, int64_t na, double* out) {
-  __shared__ double sums[kCleanupThreads];
+  __shared__ SharedArray<double, kCleanupThreads> sums;
   const int64_t i = blockIdx.x;
   double s = 0.0;
-  for (int64_t w = threadIdx.x; w < chunks; w += blockDim.x) s += partials[w * na + i];
+  for (int64_t w = threadIdx.x; w < chunks; w += blockDim.x) s += load_global(partials + w * na + i);
   sums[threadIdx.x] = s;
   __syncthreads();
   for (int stride = kCleanupThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) out[i] = sums[0];
+  if (threadIdx.x == 0) store_global(out + i, static_cast<double>(sums[0]));
 }
 
 template <typename a_t, typename y_t>
@@ -102,24 +102,39 @@ struct RowMixFunctor {
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int64_t e = e0 + j * static_cast<int64_t>(blockDim.x);
-        acc[j] = (beta != 0.0 && e < chunk.n) ? static_cast<opmath_t>(y[e]) * beta_o : opmath_t(0);
+        acc[j] = (beta != 0.0 && e < chunk.n) ? static_cast<opmath_t>(load_global(y + e)) * beta_o
+                                              : opmath_t(0);
       }
       for (int64_t i = 0; i < na; ++i) {
-        const opmath_t c = static_cast<opmath_t>(alpha * m[i]);
+        const opmath_t c = static_cast<opmath_t>(alpha * load_global(m + i));
 #pragma unroll
         for (int j = 0; j < kILP; ++j) {
           const int64_t e = e0 + j * static_cast<int64_t>(blockDim.x);
-          if (e < chunk.n) acc[j] = fma_op(c, static_cast<opmath_t>(a[i * chunk.numel + e]), acc[j]);
+          if (e < chunk.n) {
+            acc[j] = fma_op(c, static_cast<opmath_t>(load_global(a + i * chunk.numel + e)), acc[j]);
+          }
         }
       }
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         const int64_t e = e0 + j * static_cast<int64_t>(blockDim.x);
-        if (e < chunk.n) y[e] = static_cast<y_t>(acc[j]);
+        if (e < chunk.n) store_global(y + e, static_cast<y_t>(acc[j]));
       }
     }
   }
 };
+
+// The memory the row kernels of a plan may touch: rows [0, na) of each task's basis
+// block and its partner (row stride numel), as the functors index them.
+inline void add_row_memory(KernelMemory& memory, const RowPlan& plan) {
+  auto rows_bytes = [](const RowBlock& r, int64_t rows, int64_t numel) -> int64_t {
+    return rows == 0 ? 0 : ((rows - 1) * r.row_stride + numel) * static_cast<int64_t>(c10::elementSize(r.dtype));
+  };
+  for (const RowTask& t : plan.tasks) {
+    memory.add(t.a.data, rows_bytes(t.a, plan.na, t.numel));
+    memory.add(t.y.data, rows_bytes(t.y, plan.ny, t.numel));
+  }
+}
 
 // Calls f(a_t{}, y_t{}, entries) for each (basis, partner) dtype group of the plan, in a
 // fixed order, with the group's first chunk index.

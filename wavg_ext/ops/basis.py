@@ -24,6 +24,8 @@ import torch
 
 from .. import _C
 
+_EMULATION_BUILT = bool(_C.build_info()["cuda_emulation"])
+
 __all__ = ["new_basis", "orthonormalize_many_", "OrthonormalizeResult", "default_rtol"]
 
 # Relative residual (norm after removing the span of earlier rows / the row's norm) below
@@ -85,7 +87,8 @@ class _Rows:
     def __init__(self, basis: Sequence[torch.Tensor], vectors=None):
         self.basis = list(basis)
         self.device = basis[0].device
-        self.cpu = self.device.type == "cpu" and not _force_reference()
+        # (under wavg_ext.testing.cuda_emulation() the CPU stands for a GPU: its path)
+        self.cpu = self.device.type == "cpu" and not _force_reference() and not _emulating()
         # Sharded rows (wavg_ext.distributed.ShardedVectors): local Grams, summed over ranks.
         self.vectors = vectors if vectors is not None and vectors.is_sharded else None
         if self.vectors is None:
@@ -125,6 +128,11 @@ class _Rows:
                 if beta != 0.0:
                     new += beta * m[y0:y0 + ny, s:s + (1 << 20)].to(op)
                 m[y0:y0 + ny, s:s + (1 << 20)].copy_(new)
+
+
+def _emulating() -> bool:
+    """Inside wavg_ext.testing.cuda_emulation() (this thread)."""
+    return _EMULATION_BUILT and _C._cuda_emulation_enabled()
 
 
 def _force_reference() -> bool:

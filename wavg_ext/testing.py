@@ -1,0 +1,64 @@
+"""Testing helpers: run wavg_ext's CUDA kernels without a GPU.
+
+``cuda_emulation()`` routes every wavg_ext op called inside it (in this thread) with
+CPU tensors through the emulated CUDA kernels: the CUDA sources (kernels, functors,
+multi-tensor launcher, host grouping and launch code) compiled a second time as host
+C++ against a small emulation layer (``csrc/cuda/emulation``). Validation, planning
+and launching are those of a GPU; the CPU kernels are not involved. Semantics follow
+the device: a one-element CPU tensor scalar is read by the kernel, as a device scalar
+is on a GPU (so it is not range-checked on the host), and ``orthonormalize_many_``
+takes its non-CPU path. Every launch is checked as compute-sanitizer would (global
+memory bounds and alignment, shared-memory races and uninitialized reads, barrier and
+shuffle rules, launch limits); a violation raises ``RuntimeError`` when the launch
+ends. Outside the context nothing changes.
+
+``build_info()["cuda_emulation"]`` says whether the emulated kernels were built (on
+by default in builds without CUDA kernels on Linux; ``WAVG_EXT_CUDA_EMULATION=0``
+turns them off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+from . import _C
+
+__all__ = ["cuda_emulation", "cuda_emulation_available", "EmulationStats"]
+
+
+def cuda_emulation_available() -> bool:
+    """Whether this build has the emulated CUDA kernels."""
+    return bool(_C.build_info()["cuda_emulation"])
+
+
+@dataclass
+class EmulationStats:
+    """Emulated kernel launches (blocks, threads) run inside one ``cuda_emulation()``
+    block, counted when it ends (all threads' launches during that time)."""
+
+    launches: int = 0
+    blocks: int = 0
+    threads: int = 0
+
+
+@contextlib.contextmanager
+def cuda_emulation() -> Iterator[EmulationStats]:
+    """Inside: ops on CPU tensors run the emulated CUDA kernels. Yields an
+    ``EmulationStats`` filled in on exit. Nests; restores the previous setting."""
+    if not cuda_emulation_available():
+        raise RuntimeError(
+            "wavg_ext was built without the emulated CUDA kernels (build_info()['cuda_emulation'] "
+            "is False): they are built by default on Linux when the real CUDA kernels are not; "
+            "rebuild with WAVG_EXT_CUDA_EMULATION=1")
+    stats = EmulationStats()
+    before = _C._cuda_emulation_stats()
+    previous = _C._set_cuda_emulation(True)
+    try:
+        yield stats
+    finally:
+        _C._set_cuda_emulation(previous)
+        after = _C._cuda_emulation_stats()
+        stats.launches, stats.blocks, stats.threads = (after[k] - before[k] for k in
+                                                       ("launches", "blocks", "threads"))
