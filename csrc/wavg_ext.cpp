@@ -660,6 +660,8 @@ PYBIND11_MODULE(_C, m) {
     d["threads"] = s.threads;
     return d;
   }, "Emulated kernel launches, blocks and threads run so far (all threads).");
+  m.def("_set_cuda_emulation_schedule_seed", &wavg_ext::emu::set_schedule_seed,
+        "Seeds the thread order of this thread's emulated launches; returns the previous seed.");
   m.def("_cuda_emulation_selftest", &wavg_ext::emu::selftest,
         "Runs one of the emulator's own test kernels (see emulation/selftest.cpp).");
 #endif

@@ -436,10 +436,11 @@ class Helpers:
 
     @staticmethod
     def scenario_big(op, device, numel=21_000_003):
-        """One tensor larger than one CUDA launch (320 * 65536 elements), between
-        small ones of other dtypes."""
-        shapes = [(5,), (numel,), (3,)]
-        outs, ins = Helpers.make_lists(shapes, [(F32, BF16), (F32, F32), (F64, F64)], device)
+        """One tensor larger than one CUDA launch (320 * 65536 elements), between small
+        ones; it is not the first of its dtype group, so the launch boundary cuts it as
+        entry 1 and the next launch must carry it over as its entry 0."""
+        shapes = [(5,), (7,), (numel,), (3,)]
+        outs, ins = Helpers.make_lists(shapes, [(F32, BF16), (F32, F32), (F32, F32), (F64, F64)], device)
         Helpers.run_and_check(op, outs, ins, GOOD_SCALAR[op])
 
     LAYOUT_SHAPES = [(4, 16, 33, 31), (1, 3, 1, 5), (2, 3, 4, 5)]

@@ -240,3 +240,44 @@ def test_the_unity_build_includes_every_cuda_source():
     sources.append("basis_ops_cuda.cpp")
     missing = [s for s in sources if f'#include "../{s}"' not in unity]
     assert not missing, f"csrc/cuda/emulation/kernels.cpp does not build {missing}"
+
+
+def test_the_sanitizer_workload_of_gpu_check_passes_on_the_emulated_kernels():
+    import runpy
+    module = runpy.run_path(str(REPO / "scripts" / "device_cases.py"))
+    with wtesting.cuda_emulation() as outer:
+        pass
+    assert outer.launches == 0
+    assert module["main"](["--emulate"]) == 0
+
+
+def test_row_reductions_give_the_same_bits_whatever_the_thread_order():
+    # dots over k = 10 rows (two passes of the 8-row block reduction, warp shuffles and
+    # the ordered cleanup kernel), under other thread orders and OS-thread counts.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(70001,), (3,), (65536 * 2 + 9,)]
+    basis = ops.new_basis([torch.empty(s) for s in shapes], 10)
+    for b in basis:
+        b.copy_(torch.randn(b.shape, generator=gen))
+    xs = [torch.randn(s, generator=gen) for s in shapes]
+    results = []
+    for seed, threads in [(0, torch.get_num_threads()), (1, 1), (12345, torch.get_num_threads())]:
+        torch.set_num_threads(threads)
+        with wtesting.cuda_emulation(schedule_seed=seed):
+            results.append((ops.dots(basis, xs, 10), ops.orthonormalize_([b.clone() for b in basis], 9)))
+    for dots, norm in results[1:]:
+        assert torch.equal(dots, results[0][0]) and torch.equal(norm, results[0][1])
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
+def test_schedule_seed_is_checked(seed):
+    with pytest.raises(TypeError, match="schedule_seed must be an int"):
+        with wtesting.cuda_emulation(schedule_seed=seed):
+            pass
+    assert not _C._cuda_emulation_enabled()
+
+
+def test_the_schedule_seed_is_restored():
+    with wtesting.cuda_emulation(schedule_seed=99):
+        assert _C._set_cuda_emulation_schedule_seed(99) == 99
+    assert _C._set_cuda_emulation_schedule_seed(0) == 0

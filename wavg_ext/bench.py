@@ -519,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     cases = all_cases() if args.suite in ("all", "ops") else []
     wcases = bench_wrappers.all_cases(args.quick) if args.suite in ("all", "wrappers") else []
-    tcases = bench_twa.all_cases(args.quick) if args.suite in ("all", "twa") else []
+    tcases = bench_twa.all_cases(args.quick, device) if args.suite in ("all", "twa") else []
     rcases = bench_trust.all_cases(args.quick) if args.suite in ("all", "trust") else []
     if args.cases:
         subs = args.cases.split(",")

@@ -84,8 +84,10 @@ class OrthoCase:
         return sum(bench.numel(s) for s in self.shape_list())
 
 
-def all_cases(quick: bool = False) -> List[object]:
+def all_cases(quick: bool = False, device: Optional[torch.device] = None) -> List[object]:
     cases: List[object] = [ProjectCase("resnet50", k, st) for k in (10, 40) for st in ("fp32", "bf16")]
+    if device is None or device.type == "cuda":  # a 5 GB fp32 basis: GPUs only
+        cases += [ProjectCase("gpt2", 10, st) for st in ("fp32", "bf16")]
     cases.append(OrthoCase("resnet50", 40, limit=2_600_000 if quick else None))
     if quick:
         cases = [c for c in cases if not (isinstance(c, ProjectCase) and c.k == 40)]

@@ -44,9 +44,15 @@ class EmulationStats:
 
 
 @contextlib.contextmanager
-def cuda_emulation() -> Iterator[EmulationStats]:
+def cuda_emulation(schedule_seed: int = 0) -> Iterator[EmulationStats]:
     """Inside: ops on CPU tensors run the emulated CUDA kernels. Yields an
-    ``EmulationStats`` filled in on exit. Nests; restores the previous setting."""
+    ``EmulationStats`` filled in on exit. Nests; restores the previous settings.
+
+    ``schedule_seed`` picks the order in which each block's threads run between
+    barriers (0: forward, reverse, then shuffled in turn; any other value: a different
+    shuffle at every sweep). Correct kernels give the same bits for every seed."""
+    if not isinstance(schedule_seed, int) or isinstance(schedule_seed, bool) or not 0 <= schedule_seed < 2**64:
+        raise TypeError(f"cuda_emulation: schedule_seed must be an int in [0, 2**64), got {schedule_seed!r}")
     if not cuda_emulation_available():
         raise RuntimeError(
             "wavg_ext was built without the emulated CUDA kernels (build_info()['cuda_emulation'] "
@@ -55,10 +61,12 @@ def cuda_emulation() -> Iterator[EmulationStats]:
     stats = EmulationStats()
     before = _C._cuda_emulation_stats()
     previous = _C._set_cuda_emulation(True)
+    previous_seed = _C._set_cuda_emulation_schedule_seed(schedule_seed)
     try:
         yield stats
     finally:
         _C._set_cuda_emulation(previous)
+        _C._set_cuda_emulation_schedule_seed(previous_seed)
         after = _C._cuda_emulation_stats()
         stats.launches, stats.blocks, stats.threads = (after[k] - before[k] for k in
                                                        ("launches", "blocks", "threads"))

@@ -31,6 +31,7 @@ namespace wavg_ext::emu {
 namespace {
 
 thread_local bool t_enabled = false;
+thread_local uint64_t t_schedule_seed = 0;
 std::atomic<int64_t> g_launches{0}, g_blocks{0}, g_threads{0};
 
 struct Region {
@@ -41,6 +42,7 @@ thread_local std::vector<Region> t_regions;  // the calling (host) thread's Kern
 // What every block of one launch shares: read-only but for the error list.
 struct LaunchState {
   const char* kernel;
+  uint64_t schedule_seed;
   LaunchBody body;
   std::vector<Region> regions;  // sorted, overlaps merged
   std::mutex mu;
@@ -224,15 +226,17 @@ void* initial_stack(char* stack, size_t bytes) {
 }
 #endif
 
-// The order of one sweep: forward, reverse, then shuffled (fixed seed per block and sweep).
-void sweep_order(std::vector<unsigned>& order, uint64_t sweep, uint64_t block_linear) {
+// The order of one sweep: with seed 0 forward, reverse, then shuffled in turn; with
+// another seed shuffled every time. Fixed by (seed, block, sweep): runs repeat exactly.
+void sweep_order(std::vector<unsigned>& order, uint64_t sweep, uint64_t block_linear, uint64_t seed) {
   std::iota(order.begin(), order.end(), 0u);
-  if (sweep % 3 == 1) {
+  if (seed == 0 && sweep % 3 == 0) return;
+  if (seed == 0 && sweep % 3 == 1) {
     std::reverse(order.begin(), order.end());
-  } else if (sweep % 3 == 2) {
-    std::mt19937_64 rng(0x9E3779B97F4A7C15ull * (block_linear + 1) + sweep);
-    std::shuffle(order.begin(), order.end(), rng);
+    return;
   }
+  std::mt19937_64 rng(0x9E3779B97F4A7C15ull * (block_linear + 1) + sweep + 0xD1B54A32D192ED03ull * seed);
+  std::shuffle(order.begin(), order.end(), rng);
 }
 
 // Releases the lanes of warps whose mask is complete; false if none could go.
@@ -317,7 +321,7 @@ void run_block(LaunchState& st, uint64_t linear, dim3 grid, dim3 block_dim) {
   std::vector<unsigned> order(b.nthreads);
   unsigned live = b.nthreads;
   for (uint64_t sweep = 0; live > 0; ++sweep) {
-    sweep_order(order, sweep, linear);
+    sweep_order(order, sweep, linear, st.schedule_seed);
     bool progressed = false;
     for (unsigned t : order) {
       if (b.fibers[t].state != FiberState::kRunnable) continue;
@@ -364,6 +368,11 @@ bool set_enabled(bool on) {
   return previous;
 }
 Stats stats() { return {g_launches.load(), g_blocks.load(), g_threads.load()}; }
+uint64_t set_schedule_seed(uint64_t seed) {
+  const uint64_t previous = t_schedule_seed;
+  t_schedule_seed = seed;
+  return previous;
+}
 
 KernelMemory::KernelMemory() : first_(t_regions.size()) {}
 KernelMemory::~KernelMemory() { t_regions.resize(first_); }
@@ -481,6 +490,7 @@ void run_launch(const char* kernel, dim3 grid, dim3 block_dim, const LaunchBody&
   TORCH_CHECK(!t_in_block, "CUDA emulation: a launch from device code");
   LaunchState st;
   st.kernel = kernel;
+  st.schedule_seed = t_schedule_seed;
   st.body = body;
   st.regions = t_regions;
   std::sort(st.regions.begin(), st.regions.end(),
