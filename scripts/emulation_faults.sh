@@ -19,7 +19,14 @@ PY=${PYTHON:-python}
 [ "${WAVG_EXT_FAULT_FRESH:-0}" = 1 ] && rm -rf "$WORK"
 mkdir -p "$WORK/src"
 if [ -d "$WORK/src/.git" ]; then git -C "$WORK/src" checkout -q -- .; fi
-git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$WORK/src"
+# Copy the tracked files that differ (a fresh mtime, so that ninja rebuilds what they touch).
+rm -rf "$WORK/stage" && mkdir -p "$WORK/stage"
+git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$WORK/stage"
+(cd "$WORK/stage" && find . -type f -print0) | while IFS= read -r -d '' f; do
+  if ! cmp -s "$WORK/stage/$f" "$WORK/src/$f"; then
+    mkdir -p "$(dirname "$WORK/src/$f")" && cp "$WORK/stage/$f" "$WORK/src/$f"
+  fi
+done
 cd "$WORK/src"
 [ -d .git ] || git init -q
 git add -A && git -c user.name=faults -c user.email=faults@localhost commit -qm base --allow-empty
