@@ -145,8 +145,8 @@ ScalarArg scalar_from_tensor(const OpSpec& spec, const at::Tensor& t, at::Tensor
                    " tensor must be float32, float64, int64 or int32, got ", dt);
   ScalarArg s;
   // Under the CUDA emulation the CPU is the device: a CPU scalar is read by the kernel.
-  const bool on_device = t.device().is_cuda() || (t.device().is_cpu() && cuda_emulation_on());
-  if (!on_device) {
+  const bool emulated = t.device().is_cpu() && cuda_emulation_on();
+  if (t.device().is_cpu() && !emulated) {
     s.value = t.item<double>();  // a host read, no device sync
     s.skip = std::isnan(s.value);  // the gate: leave the outputs untouched
     if (!s.skip) check_scalar_value(spec, s.value);
@@ -157,7 +157,7 @@ ScalarArg scalar_from_tensor(const OpSpec& spec, const at::Tensor& t, at::Tensor
                     t.device(), " but the tensors are on ",
                     outs.empty() ? c10::Device(c10::kCPU) : outs[0].device(),
                     "; pass it on the CPU or on the tensors' device");
-  if (on_device) {
+  if (t.device().is_cuda() || emulated) {
     // Read by the kernel: not range-checked here, that would need a host sync.
     s.device_ptr = t.data_ptr();
     s.device_dtype = dt;

@@ -281,3 +281,20 @@ def test_the_schedule_seed_is_restored():
     with wtesting.cuda_emulation(schedule_seed=99):
         assert _C._set_cuda_emulation_schedule_seed(99) == 99
     assert _C._set_cuda_emulation_schedule_seed(0) == 0
+
+
+def test_device_code_keeps_to_the_seam():
+    """What the emulator checks, the kernels must route through platform.cuh: launches via
+    launch_kernel (no <<<...>>> elsewhere), shared arrays as SharedArray (racecheck), no
+    c10 CUDA stream or guard calls outside it."""
+    cuda_dir = REPO / "csrc" / "cuda"
+    offenders = []
+    for path in sorted([*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cuh"), *cuda_dir.glob("*.cpp")]):
+        if path.name in ("platform.cuh", "register_cuda.cpp"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//")[0]
+            if ("<<<" in code or ("__shared__" in code and "SharedArray" not in code)
+                    or "getCurrentCUDAStream" in code or "CUDAGuard" in code):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
