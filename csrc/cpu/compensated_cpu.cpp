@@ -6,14 +6,12 @@
 // then avg = T(v), the nearest T, and comp = T(v - avg). A float32 pair carries
 // about 48 bits, so an average whose per-update change is far below float32's ulp
 // (EMA decay 0.99999, 10^7 SWA samples) keeps moving where a plain one stagnates.
-#include <torch/library.h>
-
 #include <ATen/ops/scalar_tensor.h>
 
 #include <atomic>
 #include <cmath>
 
-#include "../cuda/emulation/routing.h"
+#include "ops_cpu.h"
 #include "pairwise_cpu.h"
 
 namespace wavg_ext::cpu {
@@ -70,12 +68,16 @@ void apply_compensated(const PairPlan& plan, double w, bool copy) {
   });
 }
 
-void run_running_mean(PairPlan& plan) {
+}  // namespace
+
+void running_mean_compensated_cpu(PairPlan& plan) {
   const double count = plan.scalar.value;
   apply_compensated(plan, 1.0 / (count + 1.0), count == 0.0);
 }
 
-void run_ema(PairPlan& plan) { apply_compensated(plan, plan.scalar.value, false); }
+void ema_compensated_cpu(PairPlan& plan) { apply_compensated(plan, plan.scalar.value, false); }
+
+namespace {
 
 // Whether any of n elements is NaN or +-inf: x * 0 is NaN exactly for those, and a
 // NaN lane survives the sum.
@@ -102,7 +104,9 @@ bool any_nonfinite(const T* p, int64_t n) {
   return false;
 }
 
-at::Tensor nonfinite_flag(at::TensorList xs) {
+}  // namespace
+
+at::Tensor nonfinite_flag_cpu(at::TensorList xs) {
   const std::vector<at::Tensor> ts = prepare_flag_inputs(xs);
   std::vector<WorkItem> items;
   std::vector<int64_t> starts;
@@ -133,30 +137,6 @@ at::Tensor nonfinite_flag(at::TensorList xs) {
     }
   });
   return at::scalar_tensor(found.load() ? 1 : 0, at::TensorOptions().dtype(at::kInt));
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) {
-  m.impl("running_mean_compensated_",
-         WAVG_EXT_CPU_OR_EMULATED(
-             (&entry_compensated_float<kRunningMeanCompensatedSpec, run_running_mean>),
-             ((&entry_compensated_float<kRunningMeanCompensatedSpec,
-                                        cuda::running_mean_compensated_cuda>))));
-  m.impl("running_mean_compensated_.Tensor",
-         WAVG_EXT_CPU_OR_EMULATED(
-             (&entry_compensated_tensor<kRunningMeanCompensatedSpec, run_running_mean>),
-             ((&entry_compensated_tensor<kRunningMeanCompensatedSpec,
-                                         cuda::running_mean_compensated_cuda>))));
-  m.impl("ema_compensated_",
-         WAVG_EXT_CPU_OR_EMULATED(
-             (&entry_compensated_float<kEmaCompensatedSpec, run_ema>),
-             ((&entry_compensated_float<kEmaCompensatedSpec, cuda::ema_compensated_cuda>))));
-  m.impl("ema_compensated_.Tensor",
-         WAVG_EXT_CPU_OR_EMULATED(
-             (&entry_compensated_tensor<kEmaCompensatedSpec, run_ema>),
-             ((&entry_compensated_tensor<kEmaCompensatedSpec, cuda::ema_compensated_cuda>))));
-  m.impl("nonfinite_flag", WAVG_EXT_CPU_OR_EMULATED((&nonfinite_flag), ((&cuda::nonfinite_flag_entry))));
 }
 
 }  // namespace wavg_ext::cpu

@@ -1,8 +1,7 @@
-// Routes a CPU-key kernel to its CUDA twin built for the emulator, while
-// wavg_ext.testing.cuda_emulation() is on in the calling thread:
-//   m.impl("ema_", WAVG_EXT_CPU_OR_EMULATED((&cpu_entry), (&cuda_entry)));
-// In a build without the emulator (WAVG_EXT_CUDA_EMULATION_BUILT undefined) the
-// CUDA entry is not named at all, and the CPU kernel runs as before.
+// Whether the calling thread routes CPU tensors to the emulated CUDA kernels
+// (wavg_ext.testing.cuda_emulation()), and the runner that follows it:
+//   WAVG_EXT_CPU_OR_EMULATED(ema, plan)  ->  cuda::ema_cuda(plan) or cpu::ema_cpu(plan)
+// In a build without the emulator the CUDA entry is not named and the CPU one runs.
 #pragma once
 
 #include "../ops_cuda.h"
@@ -14,25 +13,12 @@ namespace emu {
 bool enabled();
 }
 inline bool cuda_emulation_on() { return emu::enabled(); }
-#define WAVG_EXT_EMULATED(...) (__VA_ARGS__)
+#define WAVG_EXT_CPU_OR_EMULATED(op, ...)                                              \
+  (::wavg_ext::cuda_emulation_on() ? ::wavg_ext::cuda::op##_cuda(__VA_ARGS__) \
+                                   : ::wavg_ext::cpu::op##_cpu(__VA_ARGS__))
 #else
 inline bool cuda_emulation_on() { return false; }
-#define WAVG_EXT_EMULATED(...) nullptr
+#define WAVG_EXT_CPU_OR_EMULATED(op, ...) ::wavg_ext::cpu::op##_cpu(__VA_ARGS__)
 #endif
 
-template <auto kCpu, auto kEmulated>
-struct Routed;
-template <typename R, typename... A, R (*kCpu)(A...), R (*kEmulated)(A...)>
-struct Routed<kCpu, kEmulated> {
-  static R call(A... args) {
-    if constexpr (kEmulated != nullptr) {
-      if (cuda_emulation_on()) return kEmulated(args...);
-    }
-    return kCpu(args...);
-  }
-};
-
 }  // namespace wavg_ext
-
-#define WAVG_EXT_CPU_OR_EMULATED(cpu, emulated) \
-  (&::wavg_ext::Routed<cpu, static_cast<decltype(cpu)>(WAVG_EXT_EMULATED emulated)>::call)
