@@ -138,12 +138,6 @@ void check_k(const char* op, int64_t k, int64_t capacity, bool empty) {
 
 }  // namespace
 
-void RowPlan::finish() {
-  for (auto& [dst, tmp] : writebacks) dst.copy_(tmp);
-  writebacks.clear();
-  temporaries.clear();
-}
-
 namespace {
 
 // dots and project_: rows [0, k) of the basis against a partner list, k in [1, capacity].

@@ -36,14 +36,11 @@ struct RowTask {
 // The work of one call: every non-empty tensor's task, with na rows on the a side
 // and ny on the y side. Partners in another layout than the basis rows run on
 // temporaries that finish() copies back into the user's tensors.
-struct RowPlan {
+struct RowPlan : PlanTemporaries {
   std::vector<RowTask> tasks;
   int64_t na = 0;
   int64_t ny = 1;
   c10::Device device = c10::Device(c10::kCPU);
-  std::vector<at::Tensor> temporaries;
-  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks;  // (user's tensor, temporary)
-  void finish();
 };
 
 // dots(basis, xs, k): a = basis rows [0, k), y = xs.

@@ -193,12 +193,6 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
 
 }  // namespace
 
-void PairPlan::finish() {
-  for (auto& [dst, tmp] : writebacks) dst.copy_(tmp);
-  writebacks.clear();
-  temporaries.clear();
-}
-
 namespace {
 
 void set_scalar(const OpSpec& spec, double scalar, at::TensorList, PairPlan& plan) {

@@ -80,13 +80,10 @@ struct PairView {
 // The work of one call: the non-empty pairs, each dense with the same memory
 // layout on both sides. Pairs passed in other layouts run on temporaries that
 // finish() copies back into the user's tensors.
-struct PairPlan {
+struct PairPlan : PlanTemporaries {
   std::vector<PairView> pairs;
-  std::vector<at::Tensor> temporaries;                        // kept alive until finish()
-  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks;  // (user's out, temporary)
   c10::Device device = c10::Device(c10::kCPU);
   ScalarArg scalar;
-  void finish();
 };
 
 // Validates everything (list lengths, devices, shapes, dtypes, overlap, the scalar)

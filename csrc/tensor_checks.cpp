@@ -96,4 +96,10 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return same_element_order(a.sizes(), a.strides(), b.strides());
 }
 
+void PlanTemporaries::finish() {
+  for (auto& [dst, tmp] : writebacks) dst.copy_(tmp);
+  writebacks.clear();
+  temporaries.clear();
+}
+
 }  // namespace wavg_ext

@@ -7,6 +7,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace wavg_ext {
@@ -39,5 +40,14 @@ void check_no_overlap(const char* op, const std::vector<Span>& spans);
 // second form compares strides sa and sb of tensors of the given sizes.
 bool same_layout(const at::Tensor& a, const at::Tensor& b);
 bool same_element_order(at::IntArrayRef sizes, at::IntArrayRef sa, at::IntArrayRef sb);
+
+// What a plan keeps besides its kernels' work (PairPlan, RowPlan): inputs copied into
+// the kernels' layout, alive until finish(), and outputs computed on temporaries that
+// finish() copies back into the user's tensors.
+struct PlanTemporaries {
+  std::vector<at::Tensor> temporaries;
+  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks;  // (user's tensor, temporary)
+  void finish();
+};
 
 }  // namespace wavg_ext

@@ -85,7 +85,7 @@ template <typename T>
 bool any_nonfinite(const T* p, int64_t n) {
   using IO = VecIO<T>;
   using Vec = typename IO::Vec;
-  using opmath_t = typename OpMath<T>::type;
+  using opmath_t = at::opmath_type<T>;
   const Vec zero(opmath_t(0));
   Vec acc(opmath_t(0)), x0, x1;
   int64_t i = 0;

@@ -5,6 +5,7 @@
 // Reduced-precision values are converted to float in registers.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -22,19 +23,10 @@
 
 namespace wavg_ext::cpu {
 
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
-
 // Moves 2 * Vectorized<opmath>::size() elements of T between memory and two
 // opmath vectors (one Vectorized<T> for the 16-bit types into float; through a
 // small buffer, converted element by element, for narrower types into double).
-template <typename T, typename opmath_t = typename OpMath<T>::type>
+template <typename T, typename opmath_t = at::opmath_type<T>>
 struct VecIO {
   using Vec = at::vec::Vectorized<opmath_t>;
   static constexpr int64_t kStep = 2 * Vec::size();

@@ -77,7 +77,7 @@ inline int64_t cache_block(int64_t rows, size_t elem_bytes) {
 }
 
 template <typename T>
-using opmath_of = typename OpMath<T>::type;
+using opmath_of = at::opmath_type<T>;
 
 // acc[mi][mj] += sum over e in [0, n) of a[mi][e] * y[mj][e], in float32 runs (see top).
 // The Gram blocks of the batch path (compute-bound: every loaded row feeds a tile).

@@ -9,6 +9,7 @@
 // read from a one-element device tensor by each block (no host sync).
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
@@ -26,15 +27,6 @@
 #include "platform.cuh"
 
 namespace wavg_ext::cuda {
-
-template <typename T>
-struct OpMath {
-  using type = float;
-};
-template <>
-struct OpMath<double> {
-  using type = double;
-};
 
 // The op's scalar as the kernel receives it.
 struct ScalarSource {

@@ -24,7 +24,7 @@ constexpr int kCleanupThreads = 256;
 
 template <typename a_t, typename y_t>
 struct RowDotFunctor {
-  using opmath_t = typename OpMath<a_t>::type;
+  using opmath_t = at::opmath_type<a_t>;
   // Products and sums in float64 (exact products of float32 values): memory-bound, so free.
   __device__ __forceinline__ void operator()(void* ptrs[2], const Chunk& chunk, int64_t na,
                                              double* partials) const {
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kCleanupThreads)
 
 template <typename a_t, typename y_t>
 struct RowMixFunctor {
-  using opmath_t = typename OpMath<a_t>::type;
+  using opmath_t = at::opmath_type<a_t>;
   static constexpr int kILP = 4;  // elements in flight per thread
   // y <- beta*y + sum_i (alpha*m[i]) * a_i, with the CPU kernel's arithmetic: the
   // coefficient rounded once from float64, then FMAs in row order. Every element is
