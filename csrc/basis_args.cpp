@@ -136,10 +136,6 @@ void check_k(const char* op, int64_t k, int64_t capacity, bool empty) {
                     capacity);
 }
 
-}  // namespace
-
-namespace {
-
 // dots and project_: rows [0, k) of the basis against a partner list, k in [1, capacity].
 RowPlan plan_first_rows(const BasisCall& call, at::TensorList basis, at::TensorList xs, int64_t k,
                         bool plan_layout) {

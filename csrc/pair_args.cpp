@@ -191,10 +191,6 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
   }
 }
 
-}  // namespace
-
-namespace {
-
 void set_scalar(const OpSpec& spec, double scalar, at::TensorList, PairPlan& plan) {
   check_scalar_value(spec, scalar);
   plan.scalar.value = scalar;

@@ -147,7 +147,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     """"cpu", "cuda", or "emulated": then the test sees "cpu" and runs inside
-    wavg_ext.testing.cuda_emulation(), which must have launched emulated kernels."""
+    wavg_ext.testing.cuda_emulation(), so its ops on CPU tensors run the emulated CUDA
+    kernels."""
     if request.param != "emulated":
         yield request.param
         return

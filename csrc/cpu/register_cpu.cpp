@@ -11,32 +11,31 @@ namespace wavg_ext::cpu {
 namespace {
 
 struct CpuKernels {
-  static void running_mean(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(running_mean, p); }
-  static void ema(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(ema, p); }
-  static void accumulate(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(accumulate, p); }
-  static void scale_copy(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(scale_copy, p); }
-  static void running_mean_compensated(PairPlan& p) {
-    WAVG_EXT_CPU_OR_EMULATED(running_mean_compensated, p);
+  static void running_mean(PairPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(running_mean_cpu, cuda::running_mean_cuda, p);
   }
-  static void ema_compensated(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(ema_compensated, p); }
+  static void ema(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(ema_cpu, cuda::ema_cuda, p); }
+  static void accumulate(PairPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(accumulate_cpu, cuda::accumulate_cuda, p);
+  }
+  static void scale_copy(PairPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(scale_copy_cpu, cuda::scale_copy_cuda, p);
+  }
+  static void running_mean_compensated(PairPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(running_mean_compensated_cpu, cuda::running_mean_compensated_cuda, p);
+  }
+  static void ema_compensated(PairPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(ema_compensated_cpu, cuda::ema_compensated_cuda, p);
+  }
   static at::Tensor nonfinite_flag(at::TensorList xs) {
-#ifdef WAVG_EXT_CUDA_EMULATION_BUILT
-    if (cuda_emulation_on()) return cuda::nonfinite_flag_entry(xs);
-#endif
-    return nonfinite_flag_cpu(xs);
+    return WAVG_EXT_CPU_OR_EMULATED(nonfinite_flag_cpu, cuda::nonfinite_flag_entry, xs);
   }
   struct Rows {
     static at::Tensor dot(const RowPlan& plan, bool symmetric) {
-#ifdef WAVG_EXT_CUDA_EMULATION_BUILT
-      if (cuda_emulation_on()) return cuda::CudaRows::dot(plan, symmetric);
-#endif
-      return CpuRows::dot(plan, symmetric);
+      return WAVG_EXT_CPU_OR_EMULATED(CpuRows::dot, cuda::CudaRows::dot, plan, symmetric);
     }
     static void mix(const RowPlan& plan, const at::Tensor& m, double alpha, double beta, bool alias) {
-#ifdef WAVG_EXT_CUDA_EMULATION_BUILT
-      if (cuda_emulation_on()) return cuda::CudaRows::mix(plan, m, alpha, beta, alias);
-#endif
-      CpuRows::mix(plan, m, alpha, beta, alias);
+      WAVG_EXT_CPU_OR_EMULATED(CpuRows::mix, cuda::CudaRows::mix, plan, m, alpha, beta, alias);
     }
   };
 };
