@@ -14,7 +14,8 @@ import gc
 import pytest
 import torch
 
-from wavg_ext import bench, build_info
+from wavg_ext import build_info
+from wavg_ext.bench import ops as bench
 
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wavg_ext import bench, bench_twa, build_info, ops
+from wavg_ext import build_info, ops
+from wavg_ext.bench import ops as bench
+from wavg_ext.bench import twa as bench_twa
 
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,

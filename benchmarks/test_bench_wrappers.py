@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wavg_ext import bench_wrappers as bw
 from wavg_ext import build_info
+from wavg_ext.bench import wrappers as bw
 
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 METHODS = ["sgd", "wavg_ext", "averaged_model", "foreach_lerp", "loop", "wavg_ext_op_only"]

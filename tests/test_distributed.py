@@ -128,7 +128,7 @@ def test_readme_example_runs(tmp_path, method, wrap):
 
 
 def test_distributed_benchmark_runs():
-    out = _torchrun(2, "-m", "wavg_ext.bench_distributed", "--shapes", "many_small", "--k", "3", "--repeats", "2")
+    out = _torchrun(2, "-m", "wavg_ext.bench.distributed", "--shapes", "many_small", "--k", "3", "--repeats", "2")
     lines = [line for line in out.splitlines() if line.strip().startswith(("project:", "collect:"))]
     assert len(lines) == 4
     sharded = lines[0].split()

@@ -11,7 +11,8 @@ import subprocess
 
 import torch
 
-from wavg_ext import bench, bench_twa
+from wavg_ext.bench import ops as bench
+from wavg_ext.bench import twa as bench_twa
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

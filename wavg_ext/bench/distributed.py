@@ -1,6 +1,6 @@
 """Sharded TWA vs the paper's distributed way: per-step communication and time.
 
-    torchrun --nproc_per_node=2 -m wavg_ext.bench_distributed [--shapes resnet50] [--k 10]
+    torchrun --nproc_per_node=2 -m wavg_ext.bench.distributed [--shapes resnet50] [--k 10]
 
 Both project a whole-model gradient onto span(P) (k basis rows) on every rank:
 
@@ -26,8 +26,9 @@ from typing import Callable, List
 import torch
 import torch.distributed as dist
 
-from . import bench, ops
-from .distributed import AllReduceCounter, ShardedVectors
+from .. import ops
+from . import ops as bench
+from ..distributed import AllReduceCounter, ShardedVectors
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
@@ -49,7 +50,7 @@ def _floats_per_call(fn: Callable[[], object]) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m wavg_ext.bench_distributed",
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m wavg_ext.bench.distributed",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="resnet50", choices=sorted(bench.SHAPE_SETS))
     p.add_argument("--k", type=int, default=10)
@@ -117,7 +118,7 @@ def main(argv=None) -> None:
         ms = _time(fn, args.repeats)
         rows.append((name, ms, floats))
     if rank == 0:
-        print(f"wavg_ext.bench_distributed: {world} ranks (gloo, CPU, {torch.get_num_threads()} thread(s) each), "
+        print(f"wavg_ext.bench.distributed: {world} ranks (gloo, CPU, {torch.get_num_threads()} thread(s) each), "
               f"{args.shapes}: D = {d:,} parameters, k = {k}; each rank holds 1/{world} of every row (sharded) "
               "or all of it (paper)")
         print(f"  {'method':<38}{'ms/call':>10}{'floats all-reduced':>20}{'bytes':>14}")

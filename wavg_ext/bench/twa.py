@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import bench, ops
+from .. import ops
+from . import ops as bench
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers|twa|trust] [-
 [--json PATH] [--plot PATH] [--repeats N] [--cases SUBSTR[,SUBSTR...]]``.
 
 Suites: ``ops`` (below), ``wrappers`` (the optimizer wrappers' per-step overhead,
-:mod:`wavg_ext.bench_wrappers`), ``twa`` (:mod:`wavg_ext.bench_twa`) and ``trust`` (what
+:mod:`wavg_ext.bench.wrappers`), ``twa`` (:mod:`wavg_ext.bench.twa`) and ``trust`` (what
 following the model, float64 and compensated averages and ``skip_nonfinite`` cost,
-:mod:`wavg_ext.bench_trust`).
+:mod:`wavg_ext.bench.trust`).
 
 Cases are (op, shape set, dtype config). Every method of a case runs on the same data:
 the fused op, the pure-PyTorch baselines (``torch._foreach_*`` forms, a per-tensor Python
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from . import build_info, ops
+from .. import build_info, ops
 
 Shape = Tuple[int, ...]
 
@@ -515,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.error("--plot needs matplotlib: pip install matplotlib")
     repeats = args.repeats or (5 if args.quick else 20)
     min_time = 0.05 if args.quick else 0.25
-    from . import bench_trust, bench_twa, bench_wrappers
+    from . import trust as bench_trust, twa as bench_twa, wrappers as bench_wrappers
 
     cases = all_cases() if args.suite in ("all", "ops") else []
     wcases = bench_wrappers.all_cases(args.quick) if args.suite in ("all", "wrappers") else []

@@ -37,8 +37,9 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from . import bench, ops
-from .optim import EMA
+from .. import ops
+from . import ops as bench
+from ..optim import EMA
 
 WEIGHT = 1e-3
 # Bytes moved per element relative to the plain update (read avg and x, write avg).
@@ -150,7 +151,7 @@ def _in_context(params: List[torch.Tensor], device: torch.device, rounds: int, c
 
 
 def _interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int) -> Dict[str, List[float]]:
-    from .bench_wrappers import time_interleaved
+    from .wrappers import time_interleaved
     return time_interleaved(fns, device, rounds, warmup=3)
 
 

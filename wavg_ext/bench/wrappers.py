@@ -29,8 +29,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from . import bench, ops
-from .optim import EMA, SWA
+from .. import ops
+from . import ops as bench
+from ..optim import EMA, SWA
 
 EMA_DECAY = 0.999
 Averages = Callable[[], List[torch.Tensor]]  # returns the averages a method keeps
