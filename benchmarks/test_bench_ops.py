@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from wavg_ext import build_info
-from wavg_ext.bench import ops as bench
+from wavg_ext.bench import common
+from wavg_ext.bench import ops as bench_ops
 
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 
 
 def _params():
     params = []
-    for case in bench.all_cases():
-        names = list(bench.methods(case, [], [])) + list(bench.ceilings(0, "cpu"))
+    for case in bench_ops.all_cases():
+        names = list(bench_ops.methods(case, [], [])) + list(common.ceilings(0, "cpu"))
         marks = [pytest.mark.slow] if case.shapes == "gpt2" else []
         params += [pytest.param(case, name, id=f"{case.id}-{name}", marks=marks) for name in names]
     return params
@@ -38,7 +39,7 @@ def case_data():
         if (case, device) not in cache:
             cache.clear()
             gc.collect()
-            avgs, xs = bench.make_tensors(case, device)
+            avgs, xs = bench_ops.make_tensors(case, device)
             cache[(case, device)] = (avgs, xs, {})  # {} : avg dtype -> expected result
         return cache[(case, device)]
 
@@ -55,15 +56,15 @@ def test_bench(benchmark, case_data, device, case, method):
     benchmark.group = f"{case.id}-{device}"
     benchmark.extra_info["min_bytes"] = case.min_bytes()
     if method.startswith("ceiling"):
-        m = bench.ceilings(case.min_bytes(), device)[method]()
+        m = common.ceilings(case.min_bytes(), device)[method]()
         m.run()
-        torch.testing.assert_close(m.outs[0], torch.full_like(m.outs[0], bench.CEILING_RESULT[method]))
+        torch.testing.assert_close(m.outs[0], torch.full_like(m.outs[0], common.CEILING_RESULT[method]))
     else:
         avgs0, xs, expected = case_data(case, device)
-        m = bench.methods(case, [a.clone() for a in avgs0], xs)[method]()
+        m = bench_ops.methods(case, [a.clone() for a in avgs0], xs)[method]()
         m.run()
         dtype = m.outs[0].dtype
         if dtype not in expected:
-            expected[dtype] = bench.expected(case, avgs0, xs, dtype)
-        torch.testing.assert_close(m.outs, expected[dtype], **bench.tolerances(dtype))
+            expected[dtype] = bench_ops.expected(case, avgs0, xs, dtype)
+        torch.testing.assert_close(m.outs, expected[dtype], **bench_ops.tolerances(dtype))
     benchmark(m.run)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wavg_ext import build_info
-from wavg_ext.bench import ops as bench
+from wavg_ext.bench import common
 from wavg_ext.bench import trust as bench_trust
 
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
@@ -28,7 +28,7 @@ def test_trust_method(benchmark, device, method, finite):
     benchmark.group = f"trust-many_small-{device}"
     g = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g, device=device))
-              for s in bench.SHAPE_SETS["many_small"]()[:300]]
+              for s in common.SHAPE_SETS["many_small"]()[:300]]
     if not finite:
         params[BAD].data[3] = float("nan")
     call, result = bench_trust.methods(params)[method]

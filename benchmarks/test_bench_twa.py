@@ -12,19 +12,19 @@ import pytest
 import torch
 
 from wavg_ext import build_info, ops
-from wavg_ext.bench import ops as bench
+from wavg_ext.bench import common
 from wavg_ext.bench import twa as bench_twa
 
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                                pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")])]
-SHAPES = bench.SHAPE_SETS["resnet50"]()
+SHAPES = common.SHAPE_SETS["resnet50"]()
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def projection_setup(request):
     storage = torch.float32 if request.param == "fp32" else torch.bfloat16
-    basis = bench_twa._orthonormal_basis(SHAPES, 10, storage, torch.device("cpu"))
+    basis = bench_twa.orthonormal_basis(SHAPES, 10, storage, torch.device("cpu"))
     return request.param, basis
 
 

@@ -11,8 +11,9 @@ import subprocess
 
 import torch
 
-from wavg_ext.bench import ops as bench
+from wavg_ext.bench import ops as bench_ops
 from wavg_ext.bench import twa as bench_twa
+from wavg_ext.bench.__main__ import main as bench_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def test_gpu_check_script_parses():
 
 
 def test_its_benchmark_cases_exist():
-    ids = [c.id for c in bench.all_cases()]
+    ids = [c.id for c in bench_ops.all_cases()]
     assert any(i.startswith("ema_-gpt2") for i in ids) and any(i.startswith("ema_-many_small") for i in ids)
     cuda_ids = [c.id for c in bench_twa.all_cases(False, torch.device("cuda"))]
     assert "project_-gpt2-k10-fp32" in cuda_ids and "project_-gpt2-k10-bf16" in cuda_ids
@@ -30,7 +31,7 @@ def test_its_benchmark_cases_exist():
 
 
 def test_summary_table_from_a_benchmark_run(tmp_path):
-    bench.main(["--suite", "ops", "--device", "cpu", "--cases", "ema_-many_small-fp32", "--quick",
+    bench_main(["--suite", "ops", "--device", "cpu", "--cases", "ema_-many_small-fp32", "--quick",
                 "--repeats", "2", "--json", str(tmp_path / "bench_ops.json")])
     rows = [dict(case="project_-gpt2-k10-fp32", method="project_", median_ms=12.5, gbps=812.0),
             dict(case="project_-gpt2-k10-fp32", method="paper", median_ms=40.0, gbps=254.0)]

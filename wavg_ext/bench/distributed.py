@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from . import ops as bench
 from ..distributed import AllReduceCounter, ShardedVectors
+from . import common
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
@@ -52,7 +52,7 @@ def _floats_per_call(fn: Callable[[], object]) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m wavg_ext.bench.distributed",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="resnet50", choices=sorted(bench.SHAPE_SETS))
+    p.add_argument("--shapes", default="resnet50", choices=sorted(common.SHAPE_SETS))
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
@@ -62,8 +62,8 @@ def main(argv=None) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    shapes = bench.SHAPE_SETS[args.shapes]()
-    d = sum(bench.numel(s) for s in shapes)
+    shapes = common.SHAPE_SETS[args.shapes]()
+    d = sum(common.numel(s) for s in shapes)
     k = args.k
     gen = torch.Generator().manual_seed(0)
     full_params = [torch.randn(s, generator=gen) for s in shapes]

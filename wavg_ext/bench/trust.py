@@ -38,8 +38,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from .. import ops
-from . import ops as bench
 from ..optim import EMA
+from . import common
 
 WEIGHT = 1e-3
 # Bytes moved per element relative to the plain update (read avg and x, write avg).
@@ -103,13 +103,13 @@ def methods(params: List[torch.Tensor]) -> Dict[str, Tuple[Callable[[], object],
 
 def run_case(case: TrustCase, device: torch.device, rounds: int, quick: bool = False) -> List[dict]:
     g = torch.Generator(device=device).manual_seed(0)
-    shapes = bench.SHAPE_SETS[case.shapes]()
+    shapes = common.SHAPE_SETS[case.shapes]()
     params = [torch.nn.Parameter(torch.randn(s, generator=g, device=device)) for s in shapes]
     fns = {k: v[0] for k, v in methods(params).items()}
-    n = sum(bench.numel(s) for s in shapes)
+    n = sum(common.numel(s) for s in shapes)
     plain_bytes = 3 * 4 * n
-    fns["floor_axpy"] = bench.ceilings(plain_bytes, device)["ceiling_axpy"]().run
-    times = _interleaved(fns, device, rounds)
+    fns["floor_axpy"] = common.ceilings(plain_bytes, device)["ceiling_axpy"]().run
+    times = common.time_interleaved(fns, device, rounds, warmup=3)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = med.pop("floor_axpy")
     rows = []
@@ -121,7 +121,7 @@ def run_case(case: TrustCase, device: torch.device, rounds: int, quick: bool = F
                          triad_gbps=plain_bytes / floor / 1e9))
     rows += _in_context(params, device, rounds, case)
     del fns, params
-    bench._free(device)
+    common.free(device)
     return rows
 
 
@@ -148,11 +148,6 @@ def _in_context(params: List[torch.Tensor], device: torch.device, rounds: int, c
     med = {k: statistics.median(v) for k, v in times.items()}
     return [dict(case=case.id, method=k, shapes=case.shapes, tensors=len(params), rounds=rounds, ms=v * 1e3,
                  vs_ema=None, floor_ms=0.0, x_floor=None, triad_gbps=None) for k, v in med.items()]
-
-
-def _interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int) -> Dict[str, List[float]]:
-    from .wrappers import time_interleaved
-    return time_interleaved(fns, device, rounds, warmup=3)
 
 
 def format_case(case: TrustCase, rows: List[dict]) -> str:

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import ops
-from . import ops as bench
+from . import common
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ProjectCase:
         return torch.float32 if self.storage == "fp32" else torch.bfloat16
 
     def numel(self) -> int:
-        return sum(bench.numel(s) for s in bench.SHAPE_SETS[self.shapes]())
+        return sum(common.numel(s) for s in common.SHAPE_SETS[self.shapes]())
 
     def project_bytes(self) -> int:
         s = 4 if self.storage == "fp32" else 2
@@ -70,19 +70,19 @@ class OrthoCase:
         return f"orthonormalize-{self.shapes}-n{self.n}" + (f"-D{self.numel() // 1000}k" if self.limit else "")
 
     def shape_list(self) -> List[Tuple[int, ...]]:
-        shapes = bench.SHAPE_SETS[self.shapes]()
+        shapes = common.SHAPE_SETS[self.shapes]()
         if self.limit is None:
             return shapes
         out, total = [], 0
         for s in shapes:
-            if total + bench.numel(s) > self.limit:
+            if total + common.numel(s) > self.limit:
                 continue
             out.append(s)
-            total += bench.numel(s)
+            total += common.numel(s)
         return out
 
     def numel(self) -> int:
-        return sum(bench.numel(s) for s in self.shape_list())
+        return sum(common.numel(s) for s in self.shape_list())
 
 
 def all_cases(quick: bool = False, device: Optional[torch.device] = None) -> List[object]:
@@ -97,7 +97,7 @@ def all_cases(quick: bool = False, device: Optional[torch.device] = None) -> Lis
 
 def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int, min_time: float,
                warmup: int = 2) -> Tuple[float, int]:
-    t = bench.time_it(fn, device, repeats, min_time, warmup=warmup)
+    t = common.time_it(fn, device, repeats, min_time, warmup=warmup)
     return statistics.median(t) * 1e3, len(t)
 
 
@@ -112,7 +112,7 @@ def paper_project(p: torch.Tensor, grads: List[torch.Tensor]) -> None:
         start += x.numel()
 
 
-def _orthonormal_basis(shapes, k: int, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
+def orthonormal_basis(shapes, k: int, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
     """k orthonormal rows (random, via the batch path) stored in `dtype`."""
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.empty(s, device=device) for s in shapes]
@@ -126,11 +126,11 @@ def _orthonormal_basis(shapes, k: int, dtype: torch.dtype, device: torch.device)
 
 @torch.no_grad()
 def run_project_case(case: ProjectCase, device: torch.device, repeats: int, min_time: float) -> List[dict]:
-    shapes = bench.SHAPE_SETS[case.shapes]()
+    shapes = common.SHAPE_SETS[case.shapes]()
     d = case.numel()
     gen = torch.Generator(device=device).manual_seed(1)
     grads = [torch.randn(s, generator=gen, device=device) for s in shapes]
-    basis = _orthonormal_basis(shapes, case.k, case.storage_dtype, device)
+    basis = orthonormal_basis(shapes, case.k, case.storage_dtype, device)
     k = case.k
     rows: List[dict] = []
 
@@ -140,7 +140,7 @@ def run_project_case(case: ProjectCase, device: torch.device, repeats: int, min_
 
     # Ceilings on flat fp32 buffers moving project_'s bytes.
     nbytes = case.project_bytes()
-    for name, builder in bench.ceilings(nbytes, device).items():
+    for name, builder in common.ceilings(nbytes, device).items():
         m = builder()
         ms, n = _median_ms(m.run, device, repeats, min_time)
         add(name, ms, n, nbytes, m.note)
@@ -150,7 +150,7 @@ def run_project_case(case: ProjectCase, device: torch.device, repeats: int, min_
     ms, n = _median_ms(lambda: torch.dot(a, b), device, repeats, min_time)
     add("ceiling_dot", ms, n, nbytes, "torch.dot(a, b): 2 read-only streams, flat buffers")
     del a, b
-    bench._free(device)
+    common.free(device)
 
     ms, n = _median_ms(lambda: ops.project_(grads, basis, k), device, repeats, min_time)
     add("project_", ms, n, nbytes, "wavg_ext.ops.project_: dots + combine_")
@@ -165,7 +165,7 @@ def run_project_case(case: ProjectCase, device: torch.device, repeats: int, min_
     ms, n = _median_ms(lambda: paper_project(p, grads), device, repeats, min_time)
     add("paper", ms, n, (8 * k + 24) * d, "cat(grads); c = P @ g; g = c @ P; copy back (fp32 P)")
     del p
-    bench._free(device)
+    common.free(device)
 
     mats = [bb.reshape(k, -1) for bb in basis]
 
@@ -221,7 +221,7 @@ def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[d
             times.append(time.perf_counter() - t0)
         rows.append(dict(case=case.id, method=method, median_ms=statistics.median(times) * 1e3,
                          repeats=repeats, orthogonality=check(), note=note))
-        bench._free(device)
+        common.free(device)
 
     def basis_orthogonality() -> float:
         g = torch.zeros(case.n, case.n, dtype=torch.float64, device=device)
@@ -244,7 +244,7 @@ def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[d
 
     timed("sequential_cgs2", sequential, f"{case.n} orthonormalize_ calls", basis_orthogonality)
     del basis
-    bench._free(device)
+    common.free(device)
 
     q_holder: Dict[str, torch.Tensor] = {}
 

@@ -1,4 +1,4 @@
-"""Per-step overhead of the averaging wrappers (part of ``python -m wavg_ext.bench``).
+"""Per-step overhead of the averaging wrappers (part of ``python -m wavg_ext.bench``, suite ``wrappers``).
 
 A case is (method, shape set, param dtype). All methods of a case share one set of
 parameters with fixed gradients and one base optimizer (SGD with momentum, foreach):
@@ -22,7 +22,6 @@ the in-place triad bandwidth measured in the same run on flat buffers of that si
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -30,8 +29,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import ops
-from . import ops as bench
 from ..optim import EMA, SWA
+from . import common
 
 EMA_DECAY = 0.999
 Averages = Callable[[], List[torch.Tensor]]  # returns the averages a method keeps
@@ -40,8 +39,8 @@ Averages = Callable[[], List[torch.Tensor]]  # returns the averages a method kee
 @dataclass(frozen=True)
 class WrapperCase:
     method: str  # "SWA" (running mean, every step) or "EMA"
-    shapes: str  # a bench.SHAPE_SETS key
-    dtype: str  # a bench.DTYPES key: params and their averages
+    shapes: str  # a common.SHAPE_SETS key
+    dtype: str  # a common.DTYPES key: params and their averages
 
     @property
     def id(self) -> str:
@@ -49,15 +48,15 @@ class WrapperCase:
 
     @property
     def x_dtype(self) -> torch.dtype:
-        return bench.DTYPES[self.dtype][0]
+        return common.DTYPES[self.dtype][0]
 
     @property
     def avg_dtype(self) -> torch.dtype:
-        return bench.DTYPES[self.dtype][1]
+        return common.DTYPES[self.dtype][1]
 
     def floor_bytes(self) -> int:
-        n = sum(bench.numel(s) for s in bench.SHAPE_SETS[self.shapes]())
-        return n * (2 * bench._itemsize(self.avg_dtype) + bench._itemsize(self.x_dtype))
+        n = sum(common.numel(s) for s in common.SHAPE_SETS[self.shapes]())
+        return n * (2 * common.itemsize(self.avg_dtype) + common.itemsize(self.x_dtype))
 
 
 def all_cases(quick: bool = False) -> List[WrapperCase]:
@@ -72,7 +71,7 @@ class Setup:
 
     def __init__(self, case: WrapperCase, device: torch.device, seed: int = 0) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
-        shapes = bench.SHAPE_SETS[case.shapes]()
+        shapes = common.SHAPE_SETS[case.shapes]()
         self.case = case
         self.params = [torch.nn.Parameter(torch.randn(s, generator=g, device=device, dtype=case.x_dtype))
                        for s in shapes]
@@ -93,7 +92,7 @@ class Setup:
             wrapper = EMA(base, decay=EMA_DECAY) if ema else SWA(base, every=1)
             out["wavg_ext"] = (wrapper.step, wrapper.averaged_parameters)
         if "averaged_model" in want:
-            holder = bench._ParamHolder([p.detach() for p in params])
+            holder = common.ParamHolder([p.detach() for p in params])
             am = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY) if ema else None)
 
             def am_step() -> None:
@@ -135,23 +134,6 @@ class Setup:
         return out
 
 
-def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, rounds: int,
-                     warmup: int = 2) -> Dict[str, List[float]]:
-    cuda = device.type == "cuda"
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def run_case(case: WrapperCase, device: torch.device, rounds: int, quick: bool = False) -> List[dict]:
     setup = Setup(case, device)
     names = ["sgd", "wavg_ext", "averaged_model", "foreach_lerp", "loop", "wavg_ext_op_only"]
@@ -159,9 +141,9 @@ def run_case(case: WrapperCase, device: torch.device, rounds: int, quick: bool =
         names.remove("loop")  # per-tensor loops on big models only confirm what the ops bench shows
     fns = {k: v[0] for k, v in setup.methods(names).items()}
     floor_bytes = case.floor_bytes()
-    axpy = bench.ceilings(floor_bytes, device)["ceiling_axpy"]()
+    axpy = common.ceilings(floor_bytes, device)["ceiling_axpy"]()
     fns["floor_axpy"] = axpy.run
-    times = time_interleaved(fns, device, rounds)
+    times = common.time_interleaved(fns, device, rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = med["floor_axpy"]
     rows = []
@@ -175,17 +157,17 @@ def run_case(case: WrapperCase, device: torch.device, rounds: int, quick: bool =
                          floor_gbps=floor_bytes / floor / 1e9,
                          overhead_vs_floor=(over / floor) if name != "sgd" else None))
     del setup, fns
-    bench._free(device)
+    common.free(device)
     return rows
 
 
 def format_case(case: WrapperCase, rows: List[dict]) -> str:
     r0 = rows[0]
-    shapes = bench.SHAPE_SETS[case.shapes]()
+    shapes = common.SHAPE_SETS[case.shapes]()
     what = f"EMA(decay={EMA_DECAY})" if case.method == "EMA" else "SWA(every=1)"
     lines = [f"{case.id}: {what} on {case.shapes} ({len(shapes)} tensors), params {case.dtype}, averages "
-             f"{bench.short(case.avg_dtype)}; floor {r0['floor_ms']:.3f} ms = "
-             f"{bench._fmt_bytes(r0['floor_bytes'])} at {r0['floor_gbps']:.1f} GB/s (in-place triad)",
+             f"{common.short(case.avg_dtype)}; floor {r0['floor_ms']:.3f} ms = "
+             f"{common.fmt_bytes(r0['floor_bytes'])} at {r0['floor_gbps']:.1f} GB/s (in-place triad)",
              f"  {'method':<16}{'step ms':>10}{'overhead ms':>13}{'x floor':>9}"]
     for r in rows:
         x = "" if r["overhead_vs_floor"] is None else f"{r['overhead_vs_floor']:.2f}x"
