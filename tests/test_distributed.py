@@ -144,3 +144,19 @@ def test_skip_nonfinite_skips_on_every_rank(runs, kind):
     assert (got["num_skipped"], got["num_averaged"]) == (ref["num_skipped"], ref["num_averaged"])
     assert ref["num_skipped"] == 1
     assert all(bool(torch.isfinite(a).all()) for a in got["averages"])
+
+
+def test_sharded_vectors_describes_plain_tensors():
+    """One process, plain tensors: nothing sharded, every tensor whole; the description
+    (what wavg_ext.ops.basis reads) is public and read-only."""
+    from wavg_ext.distributed import ShardedVectors
+
+    vectors = ShardedVectors([torch.zeros(3), torch.zeros(2, 2), torch.zeros(5)])
+    assert vectors.group is None and vectors.world == 1 and not vectors.is_sharded
+    assert vectors.sharded == (False, False, False)
+    assert vectors.sharded_indices == () and vectors.whole_indices == (0, 1, 2)
+    for name in ("group", "world", "is_sharded", "sharded", "sharded_indices", "whole_indices"):
+        with pytest.raises(AttributeError):
+            setattr(vectors, name, None)
+    empty = ShardedVectors([])
+    assert empty.sharded == () and empty.sharded_indices == () and empty.whole_indices == ()

@@ -15,7 +15,7 @@ own loops on ``wavg_ext.ops``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -87,12 +87,16 @@ class ShardedVectors:
     tensors' dots`` over the mesh dimension's process group: one all-reduce of the dots
     (k floats for k dots), whatever the model size. ``group`` is None when nothing is
     sharded (DDP, one process): no communication at all.
+
+    Read-only description (positions index the tensors it was made from): :attr:`group`,
+    :attr:`world`, :attr:`is_sharded`, :attr:`sharded`, :attr:`sharded_indices` and
+    :attr:`whole_indices`.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
-        self.group = None
-        self.world = 1
-        self.sharded: List[bool] = []
+        self._group = None
+        self._world = 1
+        sharded: List[bool] = []
         group_key = None
         for i, t in enumerate(tensors):
             shard_dims = []
@@ -104,29 +108,58 @@ class ShardedVectors:
             if len(shard_dims) > 1:
                 raise ValueError(f"tensor {i} is sharded over {len(shard_dims)} mesh dimensions; wavg_ext "
                                  "supports DTensors sharded over one mesh dimension (FSDP2, HSDP)")
-            self.sharded.append(bool(shard_dims))
+            sharded.append(bool(shard_dims))
             if shard_dims:
                 key = (id(t.device_mesh), shard_dims[0])
                 if group_key is None:
                     group_key = key
-                    self.group = t.device_mesh.get_group(shard_dims[0])
-                    self.world = t.device_mesh.size(shard_dims[0])
+                    self._group = t.device_mesh.get_group(shard_dims[0])
+                    self._world = t.device_mesh.size(shard_dims[0])
                 elif key != group_key:
                     raise ValueError(f"tensor {i} is sharded over another mesh dimension than tensor 0's "
                                      "sharded tensors; one whole-model vector needs one process group")
 
-        self._sh = [i for i, s in enumerate(self.sharded) if s]
-        self._whole = [i for i, s in enumerate(self.sharded) if not s]
+        self._sharded = tuple(sharded)
+        self._sh = tuple(i for i, s in enumerate(sharded) if s)
+        self._whole = tuple(i for i, s in enumerate(sharded) if not s)
+
+    @property
+    def group(self):
+        """The process group the sharded tensors are split over (their mesh dimension's),
+        None when no tensor is sharded."""
+        return self._group
+
+    @property
+    def world(self) -> int:
+        """The number of ranks in :attr:`group` (1 when nothing is sharded)."""
+        return self._world
 
     @property
     def is_sharded(self) -> bool:
-        return self.group is not None
+        """Whether any tensor is sharded (inner products then sum over :attr:`group`)."""
+        return self._group is not None
+
+    @property
+    def sharded(self) -> Tuple[bool, ...]:
+        """For each tensor, whether it is sharded (each rank holds a part of it)."""
+        return self._sharded
+
+    @property
+    def sharded_indices(self) -> Tuple[int, ...]:
+        """Positions of the sharded tensors: their local dots are summed over the ranks."""
+        return self._sh
+
+    @property
+    def whole_indices(self) -> Tuple[int, ...]:
+        """Positions of the tensors whole on every rank (plain tensors, replicated DTensors):
+        their dots count once, entering the sum over the ranks divided by :attr:`world`."""
+        return self._whole
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sums ``partial`` (the local dots) over the ranks holding the shards, in place."""
-        if self.group is not None:
+        if self._group is not None:
             import torch.distributed as dist
-            dist.all_reduce(partial, group=self.group)
+            dist.all_reduce(partial, group=self._group)
         return partial
 
     # The inner-product algorithms of wavg_ext.ops on local shards (lists aligned with the

@@ -95,7 +95,8 @@ class _Rows:
             self.parts = [(self.basis, 1.0)]
         else:
             self.parts = [([self.basis[i] for i in idx], w) for idx, w in
-                          ((self.vectors._sh, 1.0), (self.vectors._whole, 1.0 / self.vectors.world)) if idx]
+                          ((self.vectors.sharded_indices, 1.0),
+                           (self.vectors.whole_indices, 1.0 / self.vectors.world)) if idx]
 
     def _gram_of(self, basis: List[torch.Tensor], a0: int, na: int, y0: int, ny: int) -> torch.Tensor:
         if self.cpu:
