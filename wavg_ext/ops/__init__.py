@@ -14,12 +14,19 @@ A one-element tensor scalar holding NaN is a gate: the call validates its
 arguments and leaves every output untouched. With :func:`nonfinite_flag` this
 makes an update conditional on the data without a host sync (the wrappers'
 ``skip_nonfinite``).
+
+:func:`validate` runs an op's checks alone (nothing is written), and
+:func:`param_metadata` / :func:`changed_params` tell whether an optimizer's parameters
+are still the tensors (and dtypes, devices, sizes) they were: what the optimizer
+wrappers of :mod:`wavg_ext.optim` use instead of the compiled extension itself.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Iterable, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,7 +38,8 @@ TensorList = Iterable[torch.Tensor]
 
 __all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
            "ema_compensated_", "nonfinite_flag", "dots", "combine_", "project_", "orthonormalize_",
-           "orthonormalize_many_", "new_basis", "reference", "force_reference"]
+           "orthonormalize_many_", "new_basis", "validate", "param_metadata", "changed_params", "reference",
+           "force_reference"]
 
 # Device types with compiled kernels in this build (CUDA only when it was built).
 _KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _C.build_info()["cuda"] else ["cpu"])
@@ -73,7 +81,7 @@ def _call(op: str, names: tuple, lists: tuple, scalar: Scalar) -> None:
     first = next((t[0] for t in lists if len(t)), None)
     device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
     if _force_reference or device_type not in _KERNEL_DEVICES:
-        (_C.check_compensated if len(lists) == 3 else _C.check_args)(op, *lists, scalar)
+        validate(op, *lists, scalar)
         getattr(reference, op)(*lists, scalar)
     elif torch.compiler.is_compiling():
         # Traceable: the registered op, with its Meta kernel for fake tensors.
@@ -141,7 +149,7 @@ def nonfinite_flag(xs: TensorList) -> torch.Tensor:
     or +-inf, else 0. One fused pass; no host sync on CUDA."""
     xs = _as_list("xs", xs)
     if not _use_kernels(xs):
-        _C.check_nonfinite_flag(xs)
+        validate("nonfinite_flag", xs)
         return reference.nonfinite_flag(xs)
     if torch.compiler.is_compiling():
         return torch.ops.wavg_ext.nonfinite_flag(xs)
@@ -162,7 +170,7 @@ def _basis_call(op: str, *args):
     orthonormalize_); the basis decides the device."""
     basis = args[0] if op in ("dots", "orthonormalize_") else args[1]
     if not _use_kernels(basis):
-        getattr(_C, "check_" + op.rstrip("_"))(*args)
+        validate(op, *args)
         return getattr(reference, op)(*args)
     if torch.compiler.is_compiling():
         return getattr(torch.ops.wavg_ext, op)(*args)
@@ -202,3 +210,90 @@ def orthonormalize_(basis: TensorList, k: int, passes: int = 2) -> torch.Tensor:
 
 
 from .basis import new_basis, orthonormalize_many_  # noqa: E402
+from .basis import _check_many as _check_orthonormalize_many  # noqa: E402
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Validator(NamedTuple):
+    check: Callable[..., Any]  # the op's checks, called with its arguments (defaults filled in)
+    names: Tuple[str, ...]  # the op's parameters, in order
+    lists: int  # how many of the first parameters are tensor lists (read as the op reads them)
+    required: int  # how many parameters have no default
+    defaults: Tuple[Any, ...]  # the defaults of the others
+
+
+def _validator(fn: Callable[..., Any], check: Callable[..., Any], lists: int) -> _Validator:
+    params = list(inspect.signature(fn).parameters.values())
+    required = sum(p.default is inspect.Parameter.empty for p in params)
+    return _Validator(check, tuple(p.name for p in params), lists, required,
+                      tuple(p.default for p in params[required:]))
+
+
+# op name -> its checks: the one mapping, used by validate() and by every reference-path call.
+_VALIDATORS: Dict[str, _Validator] = {
+    **{op: _validator(globals()[op], functools.partial(_C.check_args, op), 2)
+       for op in ("running_mean_", "ema_", "accumulate_", "scale_copy_")},
+    **{op: _validator(globals()[op], functools.partial(_C.check_compensated, op), 3)
+       for op in ("running_mean_compensated_", "ema_compensated_")},
+    "nonfinite_flag": _validator(nonfinite_flag, _C.check_nonfinite_flag, 1),
+    "dots": _validator(dots, _C.check_dots, 2),
+    "combine_": _validator(combine_, _C.check_combine, 2),
+    "project_": _validator(project_, _C.check_project, 2),
+    "orthonormalize_": _validator(orthonormalize_, _C.check_orthonormalize, 1),
+    # (its list is read with list(), as the op reads it)
+    "orthonormalize_many_": _validator(orthonormalize_many_, _check_orthonormalize_many, 0),
+}
+
+
+def validate(op: str, *args) -> None:
+    """Runs the checks that ``getattr(wavg_ext.ops, op)(*args)`` runs, without running the op.
+
+    ``args`` are the op's own positional arguments (its defaults fill in the ones left
+    out). Bad arguments raise exactly what the op would raise (the same ValueError or
+    TypeError, naming the offending list and index); good ones return None. Nothing is
+    written and no element of the listed tensors is read (a CPU scalar tensor's value is,
+    as the op reads it), so meta tensors work too: e.g. whether the ops accept an average
+    of one dtype for a parameter of another, or whether every call of a multi-device
+    update will succeed before the first one writes. The kernels, the reference path and
+    this function run the same C++ checks.
+
+    ``op`` is the name of one of the ops: running_mean_, ema_, accumulate_, scale_copy_,
+    running_mean_compensated_, ema_compensated_, nonfinite_flag, dots, combine_,
+    project_, orthonormalize_, orthonormalize_many_ (an unknown name raises ValueError).
+    """
+    v = _VALIDATORS.get(op) if isinstance(op, str) else None
+    if v is None:
+        raise ValueError(f"validate: unknown op {op!r}; the ops are {', '.join(_VALIDATORS)}")
+    n = len(args)
+    if not v.required <= n <= len(v.names):
+        raise TypeError(f"validate: {op} takes {v.required} to {len(v.names)} arguments "
+                        f"({', '.join(v.names)}), got {n}")
+    args = args + v.defaults[n - v.required:]
+    lists = [_as_list(name, a) for name, a in zip(v.names[:v.lists], args)]
+    v.check(*lists, *args[v.lists:])
+
+
+# --------------------------------------------------------------------------- parameter tracking
+# How the optimizer wrappers notice, before each step, that the model's parameters changed
+# under them (replaced in param_groups, or moved to another dtype or device by
+# ``module.to()``): one C++ pass over the parameters, a few ns each.
+
+
+def param_metadata(params: Sequence[torch.Tensor]) -> Any:
+    """A record of ``params`` (a list or tuple of tensors): each tensor's identity, dtype,
+    device and number of elements, for :func:`changed_params`. An opaque C++ object (it
+    cannot be pickled or copied: record it again after loading)."""
+    return _C.param_metadata(params)
+
+
+def changed_params(groups: Sequence[Any], params: Sequence[torch.Tensor],
+                   metadata: Any = None) -> Optional[List[int]]:
+    """The positions i where the tensors of ``groups`` (an optimizer's ``param_groups``:
+    dicts whose ``"params"`` lists, in order, give the positions; or plain lists) are no
+    longer ``params[i]`` (the same Python object) or, with ``metadata`` from
+    :func:`param_metadata` of ``params``, no longer have the recorded dtype, device and
+    number of elements. None when the groups hold another number of tensors than
+    ``params``. ``groups``, their lists and ``params`` must be lists or tuples (TypeError)."""
+    return _C.changed_params(groups, params, metadata)

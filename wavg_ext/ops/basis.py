@@ -18,7 +18,7 @@ row by row and drops the rows that add nothing.
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -141,6 +141,29 @@ def _force_reference() -> bool:
     return forced
 
 
+def _check_many(basis, k: int, n: int, passes: int = 2, rtol: Optional[float] = None,
+                vectors=None) -> Tuple[List[torch.Tensor], float]:
+    """The checks of :func:`orthonormalize_many_` (``wavg_ext.ops.validate`` runs them too):
+    returns the basis as a list and the rtol to use. ``vectors`` is not checked."""
+    basis = list(basis)
+    capacity = _C.check_basis("orthonormalize_many_", basis)
+    for name, v in (("k", k), ("n", n), ("passes", passes)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"orthonormalize_many_: {name} must be an int, got {type(v).__name__}")
+    if not basis:
+        raise ValueError("orthonormalize_many_: the basis is an empty list")
+    if k < 0 or n < 1 or k + n > capacity:
+        raise ValueError(f"orthonormalize_many_: rows [k={k}, k+n={k + n}) must lie in the basis "
+                         f"(capacity {capacity}) with n >= 1")
+    if not 1 <= passes <= 4:
+        raise ValueError(f"orthonormalize_many_: passes must be 1 to 4, got {passes}")
+    if rtol is None:
+        rtol = max(default_rtol(b.dtype) for b in basis)
+    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
+        raise ValueError(f"orthonormalize_many_: rtol must be in [0, 1), got {rtol!r}")
+    return basis, rtol
+
+
 @torch.no_grad()
 def orthonormalize_many_(basis: Sequence[torch.Tensor], k: int, n: int, passes: int = 2,
                          rtol: Optional[float] = None, vectors=None) -> OrthonormalizeResult:
@@ -160,23 +183,7 @@ def orthonormalize_many_(basis: Sequence[torch.Tensor], k: int, n: int, passes: 
         def orthonormalize_(b, row, p):  # noqa: F811  (the sharded version)
             return vectors.orthonormalize_(b, row, p)
 
-    basis = list(basis)
-    capacity = _C.check_basis("orthonormalize_many_", basis)
-    for name, v in (("k", k), ("n", n), ("passes", passes)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"orthonormalize_many_: {name} must be an int, got {type(v).__name__}")
-    if not basis:
-        raise ValueError("orthonormalize_many_: the basis is an empty list")
-    if k < 0 or n < 1 or k + n > capacity:
-        raise ValueError(f"orthonormalize_many_: rows [k={k}, k+n={k + n}) must lie in the basis "
-                         f"(capacity {capacity}) with n >= 1")
-    if not 1 <= passes <= 4:
-        raise ValueError(f"orthonormalize_many_: passes must be 1 to 4, got {passes}")
-    if rtol is None:
-        rtol = max(default_rtol(b.dtype) for b in basis)
-    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
-        raise ValueError(f"orthonormalize_many_: rtol must be in [0, 1), got {rtol!r}")
-
+    basis, rtol = _check_many(basis, k, n, passes, rtol)
     rows = _Rows(basis, vectors)
     gram = rows.gram(k, n, k, n)
     original = gram.diagonal().clamp_min(0).sqrt()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .. import _C, ops
+from .. import ops
 from ..distributed import is_dtensor, like_param, local_tensor
 from .wrapper import _check_fraction, _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
@@ -56,8 +56,8 @@ def _pair_ok(avg_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     if key not in _META_PAIRS:
         a, s = torch.empty(0, dtype=avg_dtype, device="meta"), torch.empty(0, dtype=dtype, device="meta")
         try:
-            _C.check_args("running_mean_", [a], [s], 0.0)
-            _C.check_args("scale_copy_", [s], [a], 1.0)
+            ops.validate("running_mean_", [a], [s], 0.0)
+            ops.validate("scale_copy_", [s], [a], 1.0)
             _META_PAIRS[key] = True
         except (TypeError, ValueError):
             _META_PAIRS[key] = False
@@ -339,7 +339,7 @@ class WeightAveraging(_WrappedOptimizer):
         self._buffers_seen = sources[self._num_params:]
         # What _follow_model compares the parameters with before each step (DTensor
         # parameters: their local shards are re-read before each use instead).
-        self._param_metadata = None if self._dtensor_params else _C.param_metadata(self._params)
+        self._param_metadata = None if self._dtensor_params else ops.param_metadata(self._params)
 
     def _follow_model(self) -> None:
         """Makes the wrapper work on the tensors the model holds now (averages follow the model).
@@ -433,7 +433,6 @@ class WeightAveraging(_WrappedOptimizer):
         is now (:meth:`_adopt`) and runs again; with several device groups all are validated
         first, so that a refusal never comes after a group was updated."""
         fn = getattr(ops, op)
-        check = _C.check_compensated if op.endswith("_compensated_") else _C.check_args
         for attempt in (0, 1):
             if self._dtensor_params:
                 self._regroup()  # FSDP2 may have given a parameter a new local tensor
@@ -443,7 +442,7 @@ class WeightAveraging(_WrappedOptimizer):
                 per_group = scalars(self) if scalars is not None else [scalar] * len(calls)
                 if len(calls) > 1:
                     for args, sc in zip(calls, per_group):
-                        check(op, *args, sc)
+                        ops.validate(op, *args, sc)
                 for args, sc in zip(calls, per_group):
                     fn(*args, sc)
                 return
@@ -459,7 +458,7 @@ class WeightAveraging(_WrappedOptimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         if not self._dtensor_params:
-            self._param_metadata = _C.param_metadata(self._params)
+            self._param_metadata = ops.param_metadata(self._params)
 
     def _avg_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.average_dtype is not None:

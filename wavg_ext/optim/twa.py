@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .. import _C, ops
+from .. import ops
 from ..distributed import ShardedVectors, basis_like_param, local_tensor, local_part
 from ..ops.basis import default_rtol
 from .wrapper import _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
@@ -167,7 +167,7 @@ class TWA(_WrappedOptimizer):
         vectors = ShardedVectors(params)
         detached = [local_tensor(p.detach()) for p in params]
         basis = ops.new_basis(detached, self.capacity, dtype=self.storage_dtype)
-        _C.check_project(detached, basis, 1)  # the ops' own checks (dtype pairs, layouts), now
+        ops.validate("project_", detached, basis, 1)  # the ops' own checks (dtype pairs, layouts), now
         rtol = self._rtol if self._rtol is not None else max(default_rtol(b.dtype) for b in basis)
         self._vectors = vectors
         self._params = params
@@ -197,7 +197,7 @@ class TWA(_WrappedOptimizer):
                                  f"basis rows have shape {list(self._params[i].shape)}")
             params[i] = p
         detached = [local_tensor(p.detach()) for p in params]
-        _C.check_project(detached, self._basis, 1)  # dtypes and layouts still pair with the basis
+        ops.validate("project_", detached, self._basis, 1)  # dtypes and layouts still pair with the basis
         self._vectors = ShardedVectors(params)
         self._params = params
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from .. import _C
+from .. import ops
 
 __all__ = ["_WrappedOptimizer", "_check_int", "_check_real", "_check_fraction", "_check_saved_tensors"]
 
@@ -131,10 +131,10 @@ class _WrappedOptimizer(Optimizer):
 
     def _changed_params(self, params: List[torch.Tensor], what: str, metadata: Any = None) -> List[int]:
         """Positions where the base optimizer's parameters are no longer ``params`` (by identity,
-        or with ``metadata`` from ``_C.param_metadata`` by dtype, device and numel), in one C++
+        or with ``metadata`` from ``ops.param_metadata`` by dtype, device and numel), in one C++
         pass; RuntimeError when parameters were added or removed behind the wrapper (``what``:
         how the wrapper's count is described)."""
-        changed = _C.changed_params(self.optimizer.param_groups, params, metadata)
+        changed = ops.changed_params(self.optimizer.param_groups, params, metadata)
         if changed is None:
             counts = [len(g["params"]) for g in self.optimizer.param_groups]
             raise RuntimeError(f"the base optimizer now holds {sum(counts)} parameters (groups of {counts}), "
