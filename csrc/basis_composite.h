@@ -2,7 +2,7 @@
 // CUDA builds run the same algorithms. A Backend provides
 //   static at::Tensor dot(const RowPlan&, bool symmetric);   // float64 [na * ny], plan's device
 //   static void mix(const RowPlan&, const at::Tensor& m, double alpha, double beta, bool alias);
-// with the semantics of rows_dot / rows_mix_ in cpu/rows_cpu.h (m: float64 [ny * na],
+// with the semantics of rows_dot / rows_mix_ in cpu/rows_cpu.cpp (m: float64 [ny * na],
 // scaled by alpha).
 #pragma once
 

@@ -14,22 +14,8 @@
 
 namespace wavg_ext {
 
-const OpSpec kRunningMeanSpec{"running_mean_", "avgs", "xs", "count", PairRule::kAverage,
-                              ScalarRule::kFiniteNonNegative, true};
-const OpSpec kEmaSpec{"ema_", "avgs", "xs", "weight", PairRule::kAverage, ScalarRule::kFinite, true};
-const OpSpec kAccumulateSpec{"accumulate_", "sums", "xs", "alpha", PairRule::kAverage,
-                             ScalarRule::kFinite, true};
-const OpSpec kScaleCopySpec{"scale_copy_", "dsts", "srcs", "scale", PairRule::kCast,
-                            ScalarRule::kFinite, false};
-
-const OpSpec kRunningMeanCompensatedSpec{"running_mean_compensated_", "avgs", "xs", "count",
-                                         PairRule::kAverage, ScalarRule::kFiniteNonNegative, true};
-const OpSpec kEmaCompensatedSpec{"ema_compensated_", "avgs", "xs", "weight", PairRule::kAverage,
-                                 ScalarRule::kFinite, true};
-
 const OpSpec& spec_by_name(const std::string& name) {
-  for (const OpSpec* s : {&kRunningMeanSpec, &kEmaSpec, &kAccumulateSpec, &kScaleCopySpec,
-                          &kRunningMeanCompensatedSpec, &kEmaCompensatedSpec}) {
+  for (const OpSpec* s : kPairOpSpecs) {
     if (name == s->name) return *s;
   }
   TORCH_CHECK_VALUE(false, "wavg_ext: unknown op '", name, "'");

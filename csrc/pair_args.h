@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "op_registry.h"
 #include "tensor_checks.h"
 
 namespace wavg_ext {
@@ -28,27 +29,38 @@ enum class ScalarRule {
 };
 
 struct OpSpec {
-  const char* name;         // "ema_"
-  const char* out_name;     // "avgs"
-  const char* in_name;      // "xs"
-  const char* scalar_name;  // "weight"
+  const char* name;            // "ema_"
+  const char* out_name;        // "avgs"
+  const char* in_name;         // "xs"
+  const char* scalar_name;     // "weight"
+  const char* scalar_default;  // "1.0", or "" when the scalar has no default
   PairRule pair_rule;
   ScalarRule scalar_rule;
-  bool reads_out;  // false for scale_copy_: out is only written
+  bool reads_out;    // false for scale_copy_: out is only written
+  bool compensated;  // (avgs, comps, xs, scalar) instead of (outs, ins, scalar)
 };
 
-// Whether a pair rule admits (out dtype, in dtype).
-bool pair_allowed(PairRule rule, c10::ScalarType out, c10::ScalarType in);
+// The OpSpec of every op of op_registry.h, by id: spec::ema, spec::ema_compensated, ...
+// (the compensated ops: see compensated_cpu.cpp).
+namespace spec {
+#define WAVG_EXT_PAIR_SPEC(id, out, in, scalar, dflt, pair_rule, scalar_rule, reads_out)  \
+  inline constexpr OpSpec id{#id "_", out, in, scalar, dflt, PairRule::pair_rule,          \
+                             ScalarRule::scalar_rule, reads_out, false};
+#define WAVG_EXT_COMPENSATED_SPEC(id, out, in, scalar, dflt, pair_rule, scalar_rule, reads_out) \
+  inline constexpr OpSpec id{#id "_", out, in, scalar, dflt, PairRule::pair_rule,                \
+                             ScalarRule::scalar_rule, reads_out, true};
+WAVG_EXT_PAIR_OPS(WAVG_EXT_PAIR_SPEC)
+WAVG_EXT_COMPENSATED_OPS(WAVG_EXT_COMPENSATED_SPEC)
+#undef WAVG_EXT_PAIR_SPEC
+#undef WAVG_EXT_COMPENSATED_SPEC
+}  // namespace spec
 
-// The compensated averages: ops over (avgs, comps, xs) where the average's value is
-// avg + comp, both of avg's dtype, updated in float64 and split back into the
-// nearest avg and the remainder (see compensated_cpu.cpp).
-extern const OpSpec kRunningMeanCompensatedSpec;
-extern const OpSpec kEmaCompensatedSpec;
-extern const OpSpec kRunningMeanSpec;
-extern const OpSpec kEmaSpec;
-extern const OpSpec kAccumulateSpec;
-extern const OpSpec kScaleCopySpec;
+// Every pair and compensated op's spec, in registry order.
+inline constexpr const OpSpec* kPairOpSpecs[] = {
+#define WAVG_EXT_SPEC_PTR(id, ...) &spec::id,
+    WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_SPEC_PTR)
+#undef WAVG_EXT_SPEC_PTR
+};
 const OpSpec& spec_by_name(const std::string& name);
 
 // The op's scalar: a host value, or (CUDA only) a pointer to a one-element device

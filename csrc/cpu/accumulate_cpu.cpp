@@ -1,11 +1,11 @@
 // accumulate_: sum <- sum + alpha * x on CPU.
-#include "ops_cpu.h"
+#include "kernels_cpu.h"
 #include "pairwise_cpu.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void accumulate_cpu(PairPlan& plan) {
   apply_pairs</*reads_out=*/true>(plan, AxpyOp{plan.scalar.value});
 }
 
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY

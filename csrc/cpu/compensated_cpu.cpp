@@ -11,10 +11,10 @@
 #include <atomic>
 #include <cmath>
 
-#include "ops_cpu.h"
+#include "kernels_cpu.h"
 #include "pairwise_cpu.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename T, typename in_t>
@@ -139,4 +139,4 @@ at::Tensor nonfinite_flag_cpu(at::TensorList xs) {
   return at::scalar_tensor(found.load() ? 1 : 0, at::TensorOptions().dtype(at::kInt));
 }
 
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY

@@ -1,11 +1,11 @@
 // ema_: avg <- avg + weight * (x - avg) on CPU.
-#include "ops_cpu.h"
+#include "kernels_cpu.h"
 #include "pairwise_cpu.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void ema_cpu(PairPlan& plan) {
   apply_pairs</*reads_out=*/true>(plan, LerpOp{plan.scalar.value});
 }
 
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY

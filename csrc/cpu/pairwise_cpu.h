@@ -21,7 +21,7 @@
 #include "../dtype_pairs.h"
 #include "../pair_args.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 // Moves 2 * Vectorized<opmath>::size() elements of T between memory and two
 // opmath vectors (one Vectorized<T> for the 16-bit types into float; through a
@@ -215,4 +215,4 @@ struct AxpyOp {
   }
 };
 
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY

@@ -1,34 +1,39 @@
-// Registers the CPU kernels for the CPU dispatch key. In a build with the CUDA
-// emulation (WAVG_EXT_CUDA_EMULATION_BUILT), each runner hands the validated plan to
-// the emulated CUDA kernel instead while wavg_ext.testing.cuda_emulation() is on in
-// the calling thread (validation is shared; its scalar rule follows the switch too).
+// Registers the CPU kernels for the CPU dispatch key: each op calls the selected
+// ISA's kernel (capability.cpp). In a build with the CUDA emulation
+// (WAVG_EXT_CUDA_EMULATION_BUILT) it hands the validated plan to the emulated CUDA
+// kernel instead while wavg_ext.testing.cuda_emulation() is on in the calling thread
+// (validation is shared; its scalar rule follows the switch too).
+#include <ATen/ops/zeros.h>
+
 #include "../cuda/emulation/routing.h"
 #include "../register_kernels.h"
-#include "ops_cpu.h"
-#include "rows_cpu.h"
+#include "kernel_table.h"
 
 namespace wavg_ext::cpu {
+
+// The CPU backend of basis_composite.h.
+struct CpuRows {
+  static at::Tensor dot(const RowPlan& plan, bool symmetric) {
+    at::Tensor out = at::zeros({plan.na * plan.ny}, at::TensorOptions().dtype(at::kDouble));
+    kernels().rows_dot(plan, symmetric, out.data_ptr<double>());
+    return out;
+  }
+  static void mix(const RowPlan& plan, const at::Tensor& m, double alpha, double beta, bool alias) {
+    std::vector<double> scaled = host_coefficients(m);
+    for (double& v : scaled) v *= alpha;
+    kernels().rows_mix(plan, scaled.data(), beta, alias);
+  }
+};
+
 namespace {
 
 struct CpuKernels {
-  static void running_mean(PairPlan& p) {
-    WAVG_EXT_CPU_OR_EMULATED(running_mean_cpu, cuda::running_mean_cuda, p);
-  }
-  static void ema(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(ema_cpu, cuda::ema_cuda, p); }
-  static void accumulate(PairPlan& p) {
-    WAVG_EXT_CPU_OR_EMULATED(accumulate_cpu, cuda::accumulate_cuda, p);
-  }
-  static void scale_copy(PairPlan& p) {
-    WAVG_EXT_CPU_OR_EMULATED(scale_copy_cpu, cuda::scale_copy_cuda, p);
-  }
-  static void running_mean_compensated(PairPlan& p) {
-    WAVG_EXT_CPU_OR_EMULATED(running_mean_compensated_cpu, cuda::running_mean_compensated_cuda, p);
-  }
-  static void ema_compensated(PairPlan& p) {
-    WAVG_EXT_CPU_OR_EMULATED(ema_compensated_cpu, cuda::ema_compensated_cuda, p);
-  }
+#define WAVG_EXT_CPU_RUNNER(id, ...) \
+  static void id(PairPlan& p) { WAVG_EXT_CPU_OR_EMULATED(kernels().id, cuda::id##_cuda, p); }
+  WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_CPU_RUNNER)
+#undef WAVG_EXT_CPU_RUNNER
   static at::Tensor nonfinite_flag(at::TensorList xs) {
-    return WAVG_EXT_CPU_OR_EMULATED(nonfinite_flag_cpu, cuda::nonfinite_flag_entry, xs);
+    return WAVG_EXT_CPU_OR_EMULATED(kernels().nonfinite_flag, cuda::nonfinite_flag_entry, xs);
   }
   struct Rows {
     static at::Tensor dot(const RowPlan& plan, bool symmetric) {

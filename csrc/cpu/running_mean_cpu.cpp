@@ -1,8 +1,8 @@
 // running_mean_: avg <- avg + (x - avg) / (count + 1) on CPU; count 0 copies.
-#include "ops_cpu.h"
+#include "kernels_cpu.h"
 #include "pairwise_cpu.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void running_mean_cpu(PairPlan& plan) {
   const double count = plan.scalar.value;
@@ -14,4 +14,4 @@ void running_mean_cpu(PairPlan& plan) {
   }
 }
 
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY

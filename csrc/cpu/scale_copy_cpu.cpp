@@ -1,11 +1,11 @@
 // scale_copy_: dst <- scale * src (cast to dst's dtype) on CPU.
-#include "ops_cpu.h"
+#include "kernels_cpu.h"
 #include "pairwise_cpu.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void scale_copy_cpu(PairPlan& plan) {
   apply_pairs</*reads_out=*/false>(plan, ScaleOp{plan.scalar.value});
 }
 
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY

@@ -10,12 +10,11 @@
 
 namespace wavg_ext::cuda {
 
-void running_mean_cuda(PairPlan& plan);
-void ema_cuda(PairPlan& plan);
-void accumulate_cuda(PairPlan& plan);
-void scale_copy_cuda(PairPlan& plan);
-void running_mean_compensated_cuda(PairPlan& plan);
-void ema_compensated_cuda(PairPlan& plan);
+// <id>_cuda for every op of op_registry.h, defined in <id>.cu (the compensated ops
+// in compensated.cu).
+#define WAVG_EXT_DECLARE_CUDA_KERNEL(id, ...) void id##_cuda(PairPlan& plan);
+WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_DECLARE_CUDA_KERNEL)
+#undef WAVG_EXT_DECLARE_CUDA_KERNEL
 // Sets *flag (a device int, zeroed by the caller) to 1 when any element of xs
 // (validated, dense, on one device) is NaN or +-inf.
 void nonfinite_flag_cuda(const std::vector<at::Tensor>& xs, int* flag);

@@ -7,12 +7,9 @@ namespace wavg_ext::cuda {
 namespace {
 
 struct CudaKernels {
-  static constexpr auto running_mean = &running_mean_cuda;
-  static constexpr auto ema = &ema_cuda;
-  static constexpr auto accumulate = &accumulate_cuda;
-  static constexpr auto scale_copy = &scale_copy_cuda;
-  static constexpr auto running_mean_compensated = &running_mean_compensated_cuda;
-  static constexpr auto ema_compensated = &ema_compensated_cuda;
+#define WAVG_EXT_CUDA_RUNNER(id, ...) static constexpr auto id = &id##_cuda;
+  WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_CUDA_RUNNER)
+#undef WAVG_EXT_CUDA_RUNNER
   static constexpr auto nonfinite_flag = &nonfinite_flag_entry;
   using Rows = CudaRows;
 };

@@ -5,11 +5,6 @@
 // it: the emulated entries are reached from the CPU key (routing.h).
 #define WAVG_EXT_CUDA_EMULATION 1
 
-#include "../accumulate.cu"
-#include "../basis_ops_cuda.cpp"
-#include "../combine.cu"
-#include "../compensated.cu"
-#include "../dots.cu"
-#include "../ema.cu"
-#include "../running_mean.cu"
-#include "../scale_copy.cu"
+// Every CUDA source but register_cuda.cpp, listed by setup.py / CMakeLists.txt from
+// csrc/cuda/*.cu and csrc/cuda/*.cpp (a new kernel file needs no line here).
+#include "wavg_ext_cuda_unity.inc"

@@ -19,8 +19,6 @@
 // products in float32 vectors over runs of kRunElements elements and add each run's
 // sum in float64: rounding errors stay at the size of one run's sum, not of the whole
 // dot product. float64 tensors use float64 throughout.
-#pragma once
-
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -33,10 +31,10 @@
 #include <cmath>
 #include <vector>
 
-#include "../basis_args.h"
+#include "kernels_cpu.h"
 #include "pairwise_cpu.h"
 
-namespace wavg_ext::cpu {
+namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 constexpr int64_t kUnitElements = 65536;
 constexpr int64_t kRunElements = 512;
@@ -222,7 +220,7 @@ void dot_tile_any(int mi, int mj, bool wide, const a_t* const* a, const y_t* con
 
 // out[i * ny + j] = <a_i, y_j> summed over all tasks (na x ny, float64). symmetric:
 // a and y are the same rows; only i <= j is computed and then mirrored.
-inline void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
+void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
   const int64_t na = plan.na, ny = plan.ny;
   std::fill(out, out + na * ny, 0.0);
   if (na == 0 || ny == 0) return;
@@ -319,7 +317,7 @@ void mix_tile(const a_t* const* a, int64_t mi, const opmath_of<a_t> (*coef)[4],
 // time), skipping coefficients that are zero at the ends of a row (triangular m).
 // y_aliases_a: the y rows are (some of) the a rows themselves, so a block's new
 // values are written only once every output row of the block is computed.
-inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_aliases_a) {
+void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_aliases_a) {
   const int64_t na = plan.na, ny = plan.ny;
   if (ny == 0) return;
   std::vector<WorkItem> units;
@@ -405,18 +403,4 @@ inline void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_
   });
 }
 
-// The CPU backend of basis_composite.h.
-struct CpuRows {
-  static at::Tensor dot(const RowPlan& plan, bool symmetric) {
-    at::Tensor out = at::zeros({plan.na * plan.ny}, at::TensorOptions().dtype(at::kDouble));
-    rows_dot(plan, symmetric, out.data_ptr<double>());
-    return out;
-  }
-  static void mix(const RowPlan& plan, const at::Tensor& m, double alpha, double beta, bool alias) {
-    std::vector<double> scaled = host_coefficients(m);
-    for (double& v : scaled) v *= alpha;
-    rows_mix_(plan, scaled.data(), beta, alias);
-  }
-};
-
-}  // namespace wavg_ext::cpu
+}  // namespace wavg_ext::cpu::CPU_CAPABILITY
