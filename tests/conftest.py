@@ -86,16 +86,19 @@ class OpInfo:
     lerp_like: bool  # ema_/running_mean_: exact vs torch.lerp / the reference fn
 
 
-OPS = {
-    "running_mean_": OpInfo("running_mean_", "avgs", "xs", "count", tuple(AVERAGE_PAIRS), True, True),
-    "ema_": OpInfo("ema_", "avgs", "xs", "weight", tuple(AVERAGE_PAIRS), True, True),
-    "accumulate_": OpInfo("accumulate_", "sums", "xs", "alpha", tuple(AVERAGE_PAIRS), True, False),
-    "scale_copy_": OpInfo("scale_copy_", "dsts", "srcs", "scale", tuple(CAST_PAIRS), False, False),
-}
+# The pair ops, from the op registry (_C.op_specs()): every test parametrized over ops
+# covers a new one. Which are compared bit-for-bit with torch.lerp is test knowledge.
+LERP_LIKE = {"running_mean_", "ema_"}
+OPS = {spec["name"]: OpInfo(spec["name"], spec["lists"][0], spec["lists"][1], spec["scalar"],
+                            tuple(AVERAGE_PAIRS if spec["pair_rule"] == "average" else CAST_PAIRS),
+                            spec["reads_out"], spec["name"] in LERP_LIKE)
+       for spec in wavg_ext._C.op_specs() if spec["kind"] == "pair"}
 OP_NAMES = list(OPS)
 # A valid, non-trivial scalar per op (exactly representable in float32 and int64 where
-# it matters: see the scalar-form tests).
-GOOD_SCALAR = {"running_mean_": 3.0, "ema_": 0.25, "accumulate_": -0.5, "scale_copy_": 1.5}
+# it matters: see the scalar-form tests): by the scalar's rule, or chosen per op.
+GOOD_SCALAR = {name: 3.0 if spec["scalar_rule"] == "finite_nonnegative" else 0.25
+               for name, spec in ((s["name"], s) for s in wavg_ext._C.op_specs()) if spec["scalar"]}
+GOOD_SCALAR.update({"accumulate_": -0.5, "scale_copy_": 1.5})
 PATHS = ["ops", "torch.ops", "reference"]
 ALL_OPS = "*"  # OP = ALL_OPS in a test module: parametrize over every op
 

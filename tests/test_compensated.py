@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import wavg_ext
 from wavg_ext import ops
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 PAIRS = [(F32, F32), (F32, F16), (F32, BF16), (F16, F16), (BF16, BF16), (F64, F64), (F64, F32), (F64, BF16)]
 SHAPES = [(1,), (7,), (0,), (33, 5), (4097,), (2, 3, 5), (70001,)]
-OPS = ["running_mean_compensated_", "ema_compensated_"]
+OPS = [spec["name"] for spec in wavg_ext._C.op_specs() if spec["kind"] == "compensated"]  # the registry's
 
 
 def pair_id(p):

@@ -10,7 +10,7 @@ import wavg_ext
 from wavg_ext import ops
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-OP_NAMES = ["running_mean_", "ema_", "accumulate_", "scale_copy_"]
+OP_NAMES = [spec["name"] for spec in wavg_ext._C.op_specs() if spec["kind"] == "pair"]  # the registry's
 MIXED = {"average": [(F32, F32), (F32, F16), (F16, F16), (F64, F64), (F32, BF16), (BF16, BF16), (F64, BF16)],
          "cast": [(F16, F32), (F32, F16), (BF16, F32), (F64, F64), (F32, BF16), (F16, F16), (BF16, F64)]}
 SHAPES = [(3,), (2, 5), (0,), (70001,), (1, 1), (4, 3, 2)]

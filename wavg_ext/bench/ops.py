@@ -20,13 +20,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .. import ops
+from .. import _C, ops
 from .common import (DTYPES, SHAPE_SETS, Method, ParamHolder, ceilings, fmt_bytes, free, itemsize, numel, short,
                      time_it)
 
 SCALARS = {"ema_": 0.001, "running_mean_": 5, "accumulate_": 1.0, "scale_copy_": 0.25}
-SCALAR_NAMES = {"ema_": "weight", "running_mean_": "count", "accumulate_": "alpha", "scale_copy_": "scale"}
-STREAMS = {"ema_": 3, "running_mean_": 3, "accumulate_": 3, "scale_copy_": 2}
+# From the op registry: the scalar's name, and the tensor streams one update moves (in,
+# out written, and out read unless the op only writes it).
+_PAIR_SPECS = [spec for spec in _C.op_specs() if spec["kind"] == "pair"]
+SCALAR_NAMES = {spec["name"]: spec["scalar"] for spec in _PAIR_SPECS}
+STREAMS = {spec["name"]: 3 if spec["reads_out"] else 2 for spec in _PAIR_SPECS}
 
 
 @dataclass(frozen=True)

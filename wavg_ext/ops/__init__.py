@@ -36,10 +36,9 @@ from . import reference
 Scalar = Union[float, int, torch.Tensor]
 TensorList = Iterable[torch.Tensor]
 
-__all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
-           "ema_compensated_", "nonfinite_flag", "dots", "combine_", "project_", "orthonormalize_",
-           "orthonormalize_many_", "new_basis", "validate", "param_metadata", "changed_params", "reference",
-           "force_reference"]
+__all__ = [spec["name"] for spec in _C.op_specs()] + [
+    "orthonormalize_many_", "new_basis", "validate", "param_metadata", "changed_params", "reference",
+    "force_reference"]
 
 # Device types with compiled kernels in this build (CUDA only when it was built).
 _KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _C.build_info()["cuda"] else ["cpu"])
@@ -74,7 +73,7 @@ def _use_kernels(tensors) -> bool:
 
 
 def _call(op: str, names: tuple, lists: tuple, scalar: Scalar) -> None:
-    """Runs a list op (``lists``: its tensor lists, named ``names``, the first the outputs;
+    """Runs a pair op (``lists``: its tensor lists, named ``names``, the first the outputs;
     three for the compensated ops) on the kernels or, for other devices / forced, checks
     then runs the reference."""
     lists = [_as_list(name, tensors) for name, tensors in zip(names, lists)]
@@ -94,82 +93,11 @@ def _call(op: str, names: tuple, lists: tuple, scalar: Scalar) -> None:
         getattr(_C, op)(*lists, scalar)
 
 
-def running_mean_(avgs: TensorList, xs: TensorList, count: Scalar) -> None:
-    """avg <- avg + (x - avg) / (count + 1) for every pair; ``count`` = samples already in avg.
-
-    ``count == 0`` copies x into avg (whatever avg held, NaN included).
-    """
-    _call("running_mean_", ("avgs", "xs"), (avgs, xs), count)
-
-
-def ema_(avgs: TensorList, xs: TensorList, weight: Scalar) -> None:
-    """avg <- avg + weight * (x - avg) for every pair (torch.lerp semantics).
-
-    For an EMA with decay d, ``weight = 1 - d``.
-    """
-    _call("ema_", ("avgs", "xs"), (avgs, xs), weight)
-
-
-def accumulate_(sums: TensorList, xs: TensorList, alpha: Scalar = 1.0) -> None:
-    """sum <- sum + alpha * x for every pair."""
-    _call("accumulate_", ("sums", "xs"), (sums, xs), alpha)
-
-
-def scale_copy_(dsts: TensorList, srcs: TensorList, scale: Scalar = 1.0) -> None:
-    """dst <- scale * src for every pair, cast to dst's dtype (dst is not read)."""
-    _call("scale_copy_", ("dsts", "srcs"), (dsts, srcs), scale)
-
-
-# --------------------------------------------------------------------------- compensated averages
-# An average kept as two tensors of its dtype whose sum is its value: avg (the nearest
-# representable value) and comp (the remainder). Each update runs in float64 and splits
-# the result again, so a float32 (or bfloat16) average keeps moving where its
-# per-update change is below half an ulp (EMA decay 0.99999, millions of SWA samples).
-
-
-def running_mean_compensated_(avgs: TensorList, comps: TensorList, xs: TensorList, count: Scalar) -> None:
-    """running_mean_ on compensated averages: (avg + comp) <- (avg + comp) + (x - (avg + comp)) / (count + 1),
-    in float64, then avg = the nearest value of its dtype and comp = the remainder.
-
-    ``count == 0`` copies x (comp gets x's remainder, zero when x has avg's dtype).
-    ``comps[i]`` has ``avgs[i]``'s dtype, shape and strides (``torch.zeros_like(avg)``);
-    averages are float32, float16/bfloat16 (of the same dtype's x) or float64 (whose
-    compensation stays zero)."""
-    _call("running_mean_compensated_", ("avgs", "comps", "xs"), (avgs, comps, xs), count)
-
-
-def ema_compensated_(avgs: TensorList, comps: TensorList, xs: TensorList, weight: Scalar) -> None:
-    """ema_ on compensated averages: (avg + comp) <- s + weight * (x - s) with s = avg + comp,
-    in float64, then split into avg and comp (see :func:`running_mean_compensated_`)."""
-    _call("ema_compensated_", ("avgs", "comps", "xs"), (avgs, comps, xs), weight)
-
-
-def nonfinite_flag(xs: TensorList) -> torch.Tensor:
-    """A 0-dim int32 tensor on the tensors' device: 1 when any element of any tensor is NaN
-    or +-inf, else 0. One fused pass; no host sync on CUDA."""
-    xs = _as_list("xs", xs)
-    if not _use_kernels(xs):
-        validate("nonfinite_flag", xs)
-        return reference.nonfinite_flag(xs)
-    if torch.compiler.is_compiling():
-        return torch.ops.wavg_ext.nonfinite_flag(xs)
-    return _C.nonfinite_flag(xs)
-
-
-# --------------------------------------------------------------------------- basis ops (TWA)
-# A basis is a list with one tensor per parameter, of shape [capacity, *param.shape]
-# (make one with new_basis); row i of every tensor together is one vector of the whole
-# model. Same dispatch as above: kernels for CPU/CUDA, the reference elsewhere, one
-# set of checks everywhere.
-
-
-def _basis_call(op: str, *args):
-    """Runs basis op `op` on the kernels (eager: the borrowed-list entry; compiling: the
-    registered op) or, for other devices / forced, checks then runs the reference.
-    args[0] and args[1] are the op's two lists (args[0] is the basis for
-    orthonormalize_); the basis decides the device."""
-    basis = args[0] if op in ("dots", "orthonormalize_") else args[1]
-    if not _use_kernels(basis):
+def _basis_call(op: str, device_list: int, *args):
+    """Runs an op with its own signature (the basis ops, nonfinite_flag) on the kernels
+    (eager: the borrowed-list entry; compiling: the registered op) or, for other devices
+    / forced, checks then runs the reference. ``args[device_list]`` decides the device."""
+    if not _use_kernels(args[device_list]):
         validate(op, *args)
         return getattr(reference, op)(*args)
     if torch.compiler.is_compiling():
@@ -177,37 +105,58 @@ def _basis_call(op: str, *args):
     return getattr(_C, op)(*args)
 
 
-def dots(basis: TensorList, xs: TensorList, k: int) -> torch.Tensor:
-    """The k inner products c_i = sum over tensors of <basis_t[i], x_t>, i < k, in one pass
-    that reads xs once. Returns a float32 tensor [k] (float64 for a float64 basis) on the
-    basis' device; products and sums are float64."""
-    return _basis_call("dots", _as_list("basis", basis), _as_list("xs", xs), k)
+# --------------------------------------------------------------------------- the ops
+# One function per op of the registry (_C.op_specs(), written in csrc/op_registry.h and
+# csrc/basis_ops.h), with the op schema's parameters and the reference function's
+# docstring. Pair ops update every (out, in) pair of two lists; the compensated ops keep
+# an average as two tensors of its dtype whose sum is its value (avg, the nearest
+# representable value, and comp, the remainder), updated in float64, so a float32 (or
+# bfloat16) average keeps moving where its per-update change is below half an ulp.
+# The basis ops (TWA) work on a basis: a list with one tensor per parameter, of shape
+# [capacity, *param.shape] (make one with new_basis); row i of every tensor together is
+# one vector of the whole model. Same dispatch for all: kernels for CPU/CUDA, the
+# reference elsewhere, one set of C++ checks everywhere.
+
+_SPECS = {spec["name"]: spec for spec in _C.op_specs()}
 
 
-def combine_(outs: TensorList, basis: TensorList, coeffs: torch.Tensor, alpha: float = 1.0,
-             beta: float = 0.0) -> None:
-    """out <- beta*out + alpha*sum_i coeffs_i*basis_t[i] for every tensor, k = coeffs.numel().
+def _make_op(spec: dict):
+    """The public function of one op: generated source, so that it has the op's exact
+    signature and costs no more than a hand-written wrapper."""
+    name = spec["name"]
+    schema = getattr(torch.ops.wavg_ext, name).default._schema
+    params, annotations = [], {}
+    for arg in schema.arguments:
+        kind = str(arg.type)
+        if kind == "List[Tensor]":
+            annotations[arg.name] = TensorList
+        elif arg.name == spec["scalar"]:
+            annotations[arg.name] = Scalar
+        else:
+            annotations[arg.name] = {"int": int, "float": float, "Tensor": torch.Tensor}[kind]
+        params.append(f"{arg.name}={arg.default_value!r}" if arg.has_default_value() else arg.name)
+    lists = [a.name for a in schema.arguments if str(a.type) == "List[Tensor]"]
+    if spec["kind"] not in ("pair", "compensated"):
+        args = ", ".join(f"_as_list({a.name!r}, {a.name})" if a.name in lists else a.name
+                         for a in schema.arguments)
+        body = f"return _basis_call({name!r}, {lists.index(spec['device_list'])}, {args})"
+    else:
+        body = (f"_call({name!r}, {tuple(lists)!r}, ({', '.join(lists)},), {spec['scalar']})")
+    namespace = {"_call": _call, "_basis_call": _basis_call, "_as_list": _as_list}
+    exec(f"def {name}({', '.join(params)}):\n    {body}\n", namespace)  # noqa: S102
+    fn = namespace[name]
+    returns = schema.returns
+    annotations["return"] = torch.Tensor if returns else None
+    fn.__annotations__ = annotations
+    fn.__doc__ = getattr(reference, name).__doc__
+    fn.__module__ = __name__
+    fn.__qualname__ = name
+    return fn
 
-    ``coeffs`` is a float32/float64 tensor [k] on the CPU or the basis' device (a device
-    tensor is read by the kernel: no host sync). With beta == 0, out is not read."""
-    _basis_call("combine_", _as_list("outs", outs), _as_list("basis", basis), coeffs, alpha, beta)
 
-
-def project_(grads: TensorList, basis: TensorList, k: int) -> None:
-    """g <- P P^T g for every tensor, P = the first k basis rows (assumed orthonormal):
-    dots, then combine_, two passes over the rows; no host sync on CUDA."""
-    _basis_call("project_", _as_list("grads", grads), _as_list("basis", basis), k)
-
-
-def orthonormalize_(basis: TensorList, k: int, passes: int = 2) -> torch.Tensor:
-    """Row k <- row k minus its projection on rows < k, ``passes`` times (2: CGS2, which
-    keeps the rows orthogonal to working precision), then normalized.
-
-    Returns the norm before normalizing (0-dim, float32; float64 for a float64 basis): a
-    norm tiny relative to the row's original norm means the row added no new direction.
-    A row of norm exactly 0 is left as zeros."""
-    return _basis_call("orthonormalize_", _as_list("basis", basis), k, passes)
-
+for _name, _spec in _SPECS.items():
+    globals()[_name] = _make_op(_spec)
+del _name, _spec
 
 from .basis import new_basis, orthonormalize_many_  # noqa: E402
 from .basis import _check_many as _check_orthonormalize_many  # noqa: E402
@@ -232,16 +181,17 @@ def _validator(fn: Callable[..., Any], check: Callable[..., Any], lists: int) ->
 
 
 # op name -> its checks: the one mapping, used by validate() and by every reference-path call.
+def _check_of(spec: dict) -> Callable[..., Any]:
+    if spec["kind"] == "pair":
+        return functools.partial(_C.check_args, spec["name"])
+    if spec["kind"] == "compensated":
+        return functools.partial(_C.check_compensated, spec["name"])
+    return getattr(_C, "check_" + spec["name"].rstrip("_"))
+
+
+# op name -> its checks: the one mapping, used by validate() and by every reference-path call.
 _VALIDATORS: Dict[str, _Validator] = {
-    **{op: _validator(globals()[op], functools.partial(_C.check_args, op), 2)
-       for op in ("running_mean_", "ema_", "accumulate_", "scale_copy_")},
-    **{op: _validator(globals()[op], functools.partial(_C.check_compensated, op), 3)
-       for op in ("running_mean_compensated_", "ema_compensated_")},
-    "nonfinite_flag": _validator(nonfinite_flag, _C.check_nonfinite_flag, 1),
-    "dots": _validator(dots, _C.check_dots, 2),
-    "combine_": _validator(combine_, _C.check_combine, 2),
-    "project_": _validator(project_, _C.check_project, 2),
-    "orthonormalize_": _validator(orthonormalize_, _C.check_orthonormalize, 1),
+    **{name: _validator(globals()[name], _check_of(spec), len(spec["lists"])) for name, spec in _SPECS.items()},
     # (its list is read with list(), as the op reads it)
     "orthonormalize_many_": _validator(orthonormalize_many_, _check_orthonormalize_many, 0),
 }

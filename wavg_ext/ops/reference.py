@@ -1,6 +1,7 @@
 """Pure-PyTorch versions of the fused ops: the test oracle and the fallback path.
 
-Same signatures and semantics as :mod:`wavg_ext.ops`. Arithmetic runs in the
+Same signatures and semantics as :mod:`wavg_ext.ops`: each function's docstring is the
+op's (wavg_ext.ops gives its op this docstring). Arithmetic runs in the
 "opmath" type of each pair (float64 if either tensor is float64, else float32),
 like the compiled kernels, so that calling these on float64 copies of the inputs
 gives the upcast reference the tests compare against.
@@ -39,7 +40,10 @@ def _scalar(value: Scalar, dtype: torch.dtype, device: torch.device):
 
 @torch.no_grad()
 def running_mean_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], count: Scalar) -> None:
-    """avg <- avg + (x - avg) / (count + 1); count == 0 copies x (even over NaN/inf)."""
+    """avg <- avg + (x - avg) / (count + 1) for every pair; ``count`` = samples already in avg.
+
+    ``count == 0`` copies x into avg (whatever avg held, NaN included).
+    """
     if _gated_off(count):
         return
     for avg, x in zip(avgs, xs):
@@ -62,7 +66,10 @@ def running_mean_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], coun
 
 @torch.no_grad()
 def ema_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: Scalar) -> None:
-    """avg <- avg + weight * (x - avg), with torch.lerp semantics."""
+    """avg <- avg + weight * (x - avg) for every pair (torch.lerp semantics).
+
+    For an EMA with decay d, ``weight = 1 - d``.
+    """
     if _gated_off(weight):
         return
     for avg, x in zip(avgs, xs):
@@ -74,7 +81,7 @@ def ema_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: Scala
 
 @torch.no_grad()
 def accumulate_(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], alpha: Scalar = 1.0) -> None:
-    """sum <- sum + alpha * x."""
+    """sum <- sum + alpha * x for every pair."""
     if _gated_off(alpha):
         return
     for s, x in zip(sums, xs):
@@ -86,7 +93,7 @@ def accumulate_(sums: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], alpha:
 
 @torch.no_grad()
 def scale_copy_(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], scale: Scalar = 1.0) -> None:
-    """dst <- scale * src, cast to dst's dtype."""
+    """dst <- scale * src for every pair, cast to dst's dtype (dst is not read)."""
     if _gated_off(scale):
         return
     for d, s in zip(dsts, srcs):
@@ -115,7 +122,13 @@ def _compensated(avgs, comps, xs, weight: float, copy: bool) -> None:
 
 @torch.no_grad()
 def running_mean_compensated_(avgs, comps, xs, count: Scalar) -> None:
-    """(avg + comp) <- running mean with x in float64, split into avg and comp."""
+    """running_mean_ on compensated averages: (avg + comp) <- (avg + comp) + (x - (avg + comp)) / (count + 1),
+    in float64, then avg = the nearest value of its dtype and comp = the remainder.
+
+    ``count == 0`` copies x (comp gets x's remainder, zero when x has avg's dtype).
+    ``comps[i]`` has ``avgs[i]``'s dtype, shape and strides (``torch.zeros_like(avg)``);
+    averages are float32, float16/bfloat16 (of the same dtype's x) or float64 (whose
+    compensation stays zero)."""
     if _gated_off(count):
         return
     n = float(count.reshape(()).item()) if isinstance(count, torch.Tensor) else float(count)
@@ -124,7 +137,8 @@ def running_mean_compensated_(avgs, comps, xs, count: Scalar) -> None:
 
 @torch.no_grad()
 def ema_compensated_(avgs, comps, xs, weight: Scalar) -> None:
-    """(avg + comp) <- lerp(avg + comp, x, weight) in float64, split into avg and comp."""
+    """ema_ on compensated averages: (avg + comp) <- s + weight * (x - s) with s = avg + comp,
+    in float64, then split into avg and comp (see :func:`running_mean_compensated_`)."""
     if _gated_off(weight):
         return
     w = float(weight.reshape(()).item()) if isinstance(weight, torch.Tensor) else float(weight)
@@ -133,7 +147,8 @@ def ema_compensated_(avgs, comps, xs, weight: Scalar) -> None:
 
 @torch.no_grad()
 def nonfinite_flag(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """0-dim int32: 1 when any element of any tensor is NaN or +-inf."""
+    """A 0-dim int32 tensor on the tensors' device: 1 when any element of any tensor is NaN
+    or +-inf, else 0. One fused pass; no host sync on CUDA."""
     device = xs[0].device if len(xs) else torch.device("cpu")
     flag = torch.zeros((), dtype=torch.int32, device=device)
     for x in xs:
@@ -153,7 +168,9 @@ def _basis_opmath(basis: Sequence[torch.Tensor]) -> torch.dtype:
 
 @torch.no_grad()
 def dots(basis: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """c_i = sum over tensors of <basis_t[i], x_t>, i < k (float64 for float64 bases, else float32)."""
+    """The k inner products c_i = sum over tensors of <basis_t[i], x_t>, i < k, in one pass
+    that reads xs once. Returns a float32 tensor [k] (float64 for a float64 basis) on the
+    basis' device; products and sums are float64."""
     op = _basis_opmath(basis)
     device = basis[0].device if len(basis) else torch.device("cpu")
     out = torch.zeros(k, dtype=op, device=device)
@@ -166,7 +183,10 @@ def dots(basis: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], k: int) -> t
 @torch.no_grad()
 def combine_(outs: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], coeffs: torch.Tensor,
              alpha: float = 1.0, beta: float = 0.0) -> None:
-    """out <- beta*out + alpha*sum_i coeffs_i*basis_t[i] (out is not read when beta == 0)."""
+    """out <- beta*out + alpha*sum_i coeffs_i*basis_t[i] for every tensor, k = coeffs.numel().
+
+    ``coeffs`` is a float32/float64 tensor [k] on the CPU or the basis' device (a device
+    tensor is read by the kernel: no host sync). With beta == 0, out is not read."""
     op = _basis_opmath(basis)
     k = coeffs.numel()
     for o, b in zip(outs, basis):
@@ -180,14 +200,19 @@ def combine_(outs: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], coeffs
 
 @torch.no_grad()
 def project_(grads: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], k: int) -> None:
-    """g <- P P^T g with P = the first k basis rows."""
+    """g <- P P^T g for every tensor, P = the first k basis rows (assumed orthonormal):
+    dots, then combine_, two passes over the rows; no host sync on CUDA."""
     combine_(grads, basis, dots(basis, grads, k), 1.0, 0.0)
 
 
 @torch.no_grad()
 def orthonormalize_(basis: Sequence[torch.Tensor], k: int, passes: int = 2) -> torch.Tensor:
-    """Row k minus its projection on rows < k (``passes`` times), then normalized; returns
-    the norm before normalizing (a zero row stays zero)."""
+    """Row k <- row k minus its projection on rows < k, ``passes`` times (2: CGS2, which
+    keeps the rows orthogonal to working precision), then normalized.
+
+    Returns the norm before normalizing (0-dim, float32; float64 for a float64 basis): a
+    norm tiny relative to the row's original norm means the row added no new direction.
+    A row of norm exactly 0 is left as zeros."""
     op = _basis_opmath(basis)
     device = basis[0].device if len(basis) else torch.device("cpu")
     used = [b for b in basis if b.numel()]
