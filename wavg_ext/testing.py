@@ -1,4 +1,5 @@
-"""Testing helpers: run wavg_ext's CUDA kernels without a GPU.
+"""Testing helpers: run wavg_ext's CUDA kernels without a GPU, and its CPU kernels
+for each vector ISA the CPU supports.
 
 ``cuda_emulation()`` routes every wavg_ext op called inside it (in this thread) with
 CPU tensors through the emulated CUDA kernels: the CUDA sources (kernels, functors,
@@ -15,17 +16,41 @@ ends. Outside the context nothing changes.
 ``build_info()["cuda_emulation"]`` says whether the emulated kernels were built (on
 by default in builds without CUDA kernels on Linux; ``WAVG_EXT_CUDA_EMULATION=0``
 turns them off).
+
+``cpu_capability(name)`` runs the CPU kernels compiled for another ISA (``default``,
+``avx2``, ``avx512``: ``build_info()["cpu_capabilities"]`` lists the compiled ones,
+:func:`supported_cpu_capabilities` those this CPU runs) for every call that starts
+inside it, in every thread. At import, wavg_ext picks the best one the CPU supports;
+the environment variable ``WAVG_EXT_CPU_CAPABILITY`` forces a lower one.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, List
 
 from . import _C
 
-__all__ = ["cuda_emulation", "cuda_emulation_available", "EmulationStats"]
+__all__ = ["cuda_emulation", "cuda_emulation_available", "EmulationStats", "cpu_capability",
+           "supported_cpu_capabilities"]
+
+
+def supported_cpu_capabilities() -> List[str]:
+    """The ISAs of this build's CPU kernels that this CPU supports, lowest first."""
+    return list(_C._supported_cpu_capabilities())
+
+
+@contextlib.contextmanager
+def cpu_capability(name: str) -> Iterator[None]:
+    """Runs the CPU kernels compiled for ISA ``name`` inside the block (process-wide:
+    every call that starts inside it, in any thread), then restores the previous one.
+    A name this build lacks or this CPU does not support raises ValueError."""
+    previous = _C._set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        _C._set_cpu_capability(previous)
 
 
 def cuda_emulation_available() -> bool:
