@@ -5,7 +5,7 @@
 namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void accumulate_cpu(PairPlan& plan) {
-  apply_pairs</*reads_out=*/true>(plan, AxpyOp{plan.scalar.value});
+  apply_pairs<spec::accumulate.reads_out>(plan, AxpyOp{plan.scalar.value});
 }
 
 }  // namespace wavg_ext::cpu::CPU_CAPABILITY

@@ -5,7 +5,7 @@
 namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void ema_cpu(PairPlan& plan) {
-  apply_pairs</*reads_out=*/true>(plan, LerpOp{plan.scalar.value});
+  apply_pairs<spec::ema.reads_out>(plan, LerpOp{plan.scalar.value});
 }
 
 }  // namespace wavg_ext::cpu::CPU_CAPABILITY

@@ -10,7 +10,7 @@ void running_mean_cpu(PairPlan& plan) {
     // The first sample is a copy, whatever the average held (NaN/inf included).
     apply_pairs</*reads_out=*/false>(plan, ScaleOp{1.0});
   } else {
-    apply_pairs</*reads_out=*/true>(plan, LerpOp{1.0 / (count + 1.0)});
+    apply_pairs<spec::running_mean.reads_out>(plan, LerpOp{1.0 / (count + 1.0)});
   }
 }
 

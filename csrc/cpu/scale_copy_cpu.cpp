@@ -5,7 +5,7 @@
 namespace wavg_ext::cpu::CPU_CAPABILITY {
 
 void scale_copy_cpu(PairPlan& plan) {
-  apply_pairs</*reads_out=*/false>(plan, ScaleOp{plan.scalar.value});
+  apply_pairs<spec::scale_copy.reads_out>(plan, ScaleOp{plan.scalar.value});
 }
 
 }  // namespace wavg_ext::cpu::CPU_CAPABILITY

@@ -12,7 +12,7 @@ struct AxpyFn {
 };
 
 struct AccumulateOp {
-  static constexpr bool kReadsOut = true;
+  static constexpr bool kReadsOut = spec::accumulate.reads_out;  // the registry's
   template <typename T>
   __device__ static AxpyFn<T> bind(double alpha) {
     return {static_cast<T>(alpha)};

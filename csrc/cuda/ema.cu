@@ -6,7 +6,7 @@ namespace wavg_ext::cuda {
 namespace {
 
 struct EmaOp {
-  static constexpr bool kReadsOut = true;
+  static constexpr bool kReadsOut = spec::ema.reads_out;  // the registry's
   template <typename T>
   __device__ static LerpFn<T> bind(double weight) {
     return make_lerp<T>(weight, /*copy=*/false);

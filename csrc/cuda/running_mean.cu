@@ -6,7 +6,7 @@ namespace wavg_ext::cuda {
 namespace {
 
 struct RunningMeanOp {
-  static constexpr bool kReadsOut = true;
+  static constexpr bool kReadsOut = spec::running_mean.reads_out;  // the registry's
   // count may come from a device tensor, so the count-0 copy is decided here,
   // once per block, not on the host. 1/(count+1) is rounded once, from double,
   // exactly as on the CPU.

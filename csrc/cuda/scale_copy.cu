@@ -12,7 +12,7 @@ struct ScaleFn {
 };
 
 struct ScaleCopyOp {
-  static constexpr bool kReadsOut = false;
+  static constexpr bool kReadsOut = spec::scale_copy.reads_out;  // the registry's
   template <typename T>
   __device__ static ScaleFn<T> bind(double scale) {
     return {static_cast<T>(scale)};
