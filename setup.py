@@ -1,7 +1,8 @@
 """Builds wavg_ext._C: C++ CPU kernels always, CUDA kernels when possible.
 
-Install with ``pip install --no-build-isolation .`` (build isolation would pull
-another torch than the one the extension must link against).
+Install with ``pip install .`` (torch installed first): the build backend
+(build_backend/wavg_ext_build.py) makes this file import the torch of the environment
+being installed into, even under pip's build isolation.
 
 Environment switches:
   WAVG_EXT_CUDA=auto|0|1   auto (default): build CUDA kernels when torch.version.cuda

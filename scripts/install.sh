@@ -8,8 +8,10 @@ PY=${PYTHON:-python}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install "${WAVG_EXT_TORCH:-torch==2.13.0}"
 fi
-"$PY" -m pip install pybind11 ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn
-"$PY" -m pip install --no-build-isolation .
+"$PY" -m pip install ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn
+# Plain pip install: the build backend compiles against the torch installed above
+# (build_backend/wavg_ext_build.py), not one fetched into pip's isolated environment.
+"$PY" -m pip install .
 # The same build, placed in the checkout too (it reuses the objects pip just compiled
 # in ./build), so `python -m wavg_ext.bench` also works from the repository root,
 # where the source tree shadows the installed package.

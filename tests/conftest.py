@@ -21,7 +21,7 @@ import torch
 # --------------------------------------------------------------------------------------
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _HOWTO = (
-    "Build and install it with `pip install --no-build-isolation .` from the repository "
+    "Build and install it with `pip install .` from the repository "
     "root, then run the tests with plain `pytest` (not `python -m pytest`, which puts the "
     "source checkout first on sys.path and shadows the installed package)."
 )
