@@ -19,6 +19,12 @@
 // WAVG_EXT_TORCH_VERSION (strings).
 #include "wavg_ext_build_config.h"
 
+// The torch this extension was compiled against, as a string wavg_ext/__init__.py finds in
+// this file when importing it fails (another torch's libraries lack symbols it needs), so
+// that the error can name both versions.
+extern "C" __attribute__((used, visibility("default"))) const char wavg_ext_built_for_torch[] =
+    "wavg_ext built for torch " WAVG_EXT_TORCH_VERSION ";";
+
 namespace wavg_ext {
 
 void bind_param_tracking(pybind11::module& m);

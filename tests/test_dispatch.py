@@ -2,6 +2,7 @@
 force_reference, autograd, build information, threading, and CUDA-only features."""
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -201,6 +202,38 @@ def test_build_info():
         assert info["cuda_version"] and info["cuda_archs"]
     if info["openmp"] is False:
         assert not torch.backends.openmp.is_available(), "torch has OpenMP but the kernels do not"
+
+
+@pytest.mark.parametrize("built_for", ["same", "other", "none"])
+def test_import_failure_names_the_torch_versions(h, tmp_path, built_for):
+    """An extension that cannot be loaded (here: a file that is no shared object) gives one
+    clear ImportError: built for another torch (both versions named), or not built at all."""
+    import shutil
+
+    pkg = tmp_path / "wavg_ext"
+    shutil.copytree(pathlib.Path(wavg_ext.__file__).parent, pkg,
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    version = {"same": torch.__version__, "other": "9.9.9+cu999", "none": None}[built_for]
+    if version is not None:
+        import importlib.machinery
+
+        (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(
+            b"\x7fELF not really " + f"wavg_ext built for torch {version};".encode())
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import wavg_ext"
+    proc = h.run_python(code)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: wavg_ext's compiled extension"), proc.stderr
+    if built_for == "other":
+        assert f"built for torch 9.9.9+cu999, but torch {torch.__version__} is installed" in last
+    elif built_for == "same":
+        assert f"built for this torch, {torch.__version__}" in last
+    else:
+        assert "was not found" in last
+
+
+def test_the_installed_extension_names_its_torch():
+    assert wavg_ext._torch_built_for() == torch.__version__
 
 
 def test_openmp_really_runs_threads():

@@ -8,16 +8,49 @@ BatchNorm recalibration, ``wavg_ext.ops`` the fused in-place ops they use, and
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import warnings
+from typing import Optional
+
 import torch  # noqa: F401  (the extension links against torch's libraries)
+
+
+def _torch_built_for() -> Optional[str]:
+    """The torch version the compiled extension next to this file was built against, read
+    from the file itself (python_module.cpp embeds it), or None when there is none."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd"))):
+        with open(path, "rb") as f:
+            found = re.search(rb"wavg_ext built for torch ([^;\x00]{1,64});", f.read())
+        if found:
+            return found.group(1).decode("ascii", "replace")
+    return None
+
+
+def _import_failure_message(built_for: Optional[str], running: str) -> str:
+    if built_for is None:  # e.g. importing the source checkout, which has no compiled _C
+        return (f"wavg_ext's compiled extension (_C) was not found next to {__file__}. Build it with "
+                "`bash scripts/install.sh` (pip install . and an in-place build), or run from outside "
+                "the source checkout so the installed package is imported.")
+    if built_for != running:
+        return (f"wavg_ext's compiled extension was built for torch {built_for}, but torch {running} is "
+                "installed: reinstall wavg_ext with this torch (`pip install .` from its source) or "
+                f"install torch {built_for}.")
+    return (f"wavg_ext's compiled extension (built for this torch, {running}) failed to load; see the "
+            "error above.")
+
 
 try:
     from . import _C
-except ImportError as err:  # e.g. importing the source checkout, which has no compiled _C
-    raise ImportError(
-        f"wavg_ext's compiled extension (_C) was not found next to {__file__}. Build it with "
-        "`bash scripts/install.sh` (pip install --no-build-isolation . and an in-place build), "
-        "or run from outside the source checkout so the installed package is imported."
-    ) from err
+except ImportError as err:
+    raise ImportError(_import_failure_message(_torch_built_for(), torch.__version__)) from err
+
+if _C.build_info()["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
+    warnings.warn(f"wavg_ext was built for torch {_C.build_info()['torch_version']} and loaded with torch "
+                  f"{torch.__version__}; if anything fails, reinstall wavg_ext with this torch",
+                  RuntimeWarning, stacklevel=2)
 from . import ops  # noqa: E402
 from . import optim  # noqa: E402
 from .bn import update_bn  # noqa: E402
@@ -34,8 +67,9 @@ __all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "WeightAverag
 def build_info() -> dict:
     """What this installation was built with.
 
-    Keys: ``version``, ``cpu`` (always True), ``cpu_capability`` (vector ISA the CPU
-    kernels were compiled for), ``openmp`` (whether the CPU kernels run threaded),
+    Keys: ``version``, ``cpu`` (always True), ``cpu_capability`` (the vector ISA whose CPU
+    kernels run: the best this CPU supports, or the one ``WAVG_EXT_CPU_CAPABILITY`` asks
+    for), ``cpu_capabilities`` (the ISAs compiled, lowest first), ``openmp`` (whether the CPU kernels run threaded),
     ``num_threads``, ``cuda`` (CUDA kernels compiled), ``cuda_version`` (toolkit the
     kernels were compiled with), ``cuda_archs`` (TORCH_CUDA_ARCH_LIST used),
     ``torch_version`` (the torch the extension was compiled against).
