@@ -9,7 +9,10 @@ torch there would make pip fetch some other torch into it. So torch is not a bui
 requirement: this backend puts the target environment's site-packages (the interpreter
 pip runs for, where torch is installed) *after* the isolated ones on sys.path, and
 setup.py imports that torch. Without isolation (``--no-build-isolation``) nothing changes.
-Without torch, the build stops at once with one line that says what to do.
+Without torch, the build stops at once with one line that says what to do (an sdist,
+sources only, is made without it). `python -m build --wheel` runs the backend in a
+virtualenv of its own, where the target environment cannot be seen: build wheels with
+`pip wheel .` or `python -m build --no-isolation`.
 """
 
 from __future__ import annotations
@@ -88,11 +91,20 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
     return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
 
 
+def _sdist_without_torch_if_needed():
+    """An sdist holds sources only: made without torch when none can be found (e.g. by
+    `python -m build`, whose isolated environment is a separate virtualenv)."""
+    try:
+        _use_target_torch()
+    except SystemExit:
+        os.environ["WAVG_EXT_SDIST_WITHOUT_TORCH"] = "1"
+
+
 def get_requires_for_build_sdist(config_settings=None):
-    _use_target_torch()  # setup.py imports torch to describe the extension
+    _sdist_without_torch_if_needed()
     return _setuptools.get_requires_for_build_sdist(config_settings)
 
 
 def build_sdist(sdist_directory, config_settings=None):
-    _use_target_torch()
+    _sdist_without_torch_if_needed()
     return _setuptools.build_sdist(sdist_directory, config_settings)
