@@ -9,10 +9,12 @@ torch there would make pip fetch some other torch into it. So torch is not a bui
 requirement: this backend puts the target environment's site-packages (the interpreter
 pip runs for, where torch is installed) *after* the isolated ones on sys.path, and
 setup.py imports that torch. Without isolation (``--no-build-isolation``) nothing changes.
-Without torch, the build stops at once with one line that says what to do (an sdist,
-sources only, is made without it). `python -m build --wheel` runs the backend in a
-virtualenv of its own, where the target environment cannot be seen: build wheels with
-`pip wheel .` or `python -m build --no-isolation`.
+`python -m build` (pypa/build) isolates differently: it runs the backend in a virtualenv of
+its own (build-env-*), made from the interpreter that ran it; there the target is that
+interpreter's environment: an active virtualenv ($VIRTUAL_ENV), an active conda env
+($CONDA_PREFIX), else the base installation (`python -m build --no-isolation` from the
+environment with torch works everywhere). Without torch, the build stops at once with one
+line that says what to do (an sdist, sources only, is made without it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def _target_site_packages():
     user = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
     if user:
         paths.append(user)
+    if os.path.basename(sys.prefix).startswith("build-env-"):  # pypa/build's own virtualenv
+        for prefix in (os.environ.get("VIRTUAL_ENV"), os.environ.get("CONDA_PREFIX"), sys.base_prefix):
+            if prefix and os.path.realpath(prefix) != os.path.realpath(sys.prefix):
+                for key in ("purelib", "platlib"):
+                    p = sysconfig.get_paths(vars={"base": prefix, "platbase": prefix}).get(key)
+                    if p and p not in paths:
+                        paths.append(p)
     return [p for p in paths if os.path.isdir(p)]
 
 
@@ -58,6 +67,10 @@ def _use_target_torch():
     try:
         import torch  # noqa: F401
     except ImportError:
+        if os.path.basename(sys.prefix).startswith("build-env-"):
+            raise SystemExit("wavg_ext is compiled against the installed PyTorch, and `python -m build` found "
+                             "none (it looks in $VIRTUAL_ENV, $CONDA_PREFIX and the base installation): run "
+                             "`python -m build --no-isolation` with the interpreter that has torch") from None
         raise SystemExit(_NO_TORCH) from None
 
 

@@ -15,8 +15,8 @@
 #include "op_entries.h"
 #include "python_args.h"
 
-// Written by setup.py / CMakeLists.txt: WAVG_EXT_CUDA_ARCH_LIST, WAVG_EXT_CUDA_VERSION,
-// WAVG_EXT_TORCH_VERSION (strings).
+// Written by setup.py / CMakeLists.txt: WAVG_EXT_VERSION, WAVG_EXT_CUDA_MODULE_BUILT (0/1),
+// WAVG_EXT_CUDA_NOTE, WAVG_EXT_CUDA_ARCH_LIST, WAVG_EXT_CUDA_VERSION, WAVG_EXT_TORCH_VERSION.
 #include "wavg_ext_build_config.h"
 
 // The torch this extension was compiled against, as a string wavg_ext/__init__.py finds in
@@ -187,11 +187,10 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_capability"] = wavg_ext::cpu::selected_capability();
     info["cpu_capabilities"] = wavg_ext::cpu::compiled_capabilities();
     info["openmp"] = wavg_ext::openmp_enabled();
-#ifdef WAVG_EXT_WITH_CUDA
-    info["cuda"] = true;
-#else
-    info["cuda"] = false;
-#endif
+    // Whether this build made the CUDA kernels' module (_C_cuda), and how or why not;
+    // wavg_ext/__init__.py adds whether it is loaded.
+    info["cuda_built"] = static_cast<bool>(WAVG_EXT_CUDA_MODULE_BUILT);
+    info["cuda_build_note"] = WAVG_EXT_CUDA_NOTE;
 #ifdef WAVG_EXT_CUDA_EMULATION_BUILT
     info["cuda_emulation"] = true;
 #else
@@ -200,6 +199,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_version"] = WAVG_EXT_CUDA_VERSION;
     info["cuda_archs"] = WAVG_EXT_CUDA_ARCH_LIST;
     info["torch_version"] = WAVG_EXT_TORCH_VERSION;
+    info["version"] = WAVG_EXT_VERSION;
     return info;
   });
   m.def("_supported_cpu_capabilities", &wavg_ext::cpu::supported_capabilities,

@@ -43,7 +43,15 @@ if ! stage build 300 "$PY" setup.py build_ext --inplace; then
   tail -40 "$OUT_DIR/build.log"
   exit 1
 fi
-"$PY" -c "import wavg_ext, json; print(json.dumps(wavg_ext.build_info()))" | tee "$OUT_DIR/build_info.json"
+# The CUDA kernels are their own module (_C_cuda), loaded under a torch with CUDA: say so.
+if ! "$PY" -c "
+import json, sys, wavg_ext
+info = wavg_ext.build_info()
+print(json.dumps(info))
+sys.exit(0 if info['cuda'] else 'CUDA kernels not loaded: ' + info['cuda_status'])" | tee "$OUT_DIR/build_info.json"; then
+  echo "the CUDA kernels did not load: see $OUT_DIR/build_info.json"
+  exit 1
+fi
 
 # The CUDA tests: every device-parametrized test on "cuda", the sync-free and graph tests.
 stage tests 180 "$PY" -m pytest tests -q -m cuda -p no:cacheprovider -o addopts="" -rf \

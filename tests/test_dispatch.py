@@ -189,8 +189,8 @@ def test_does_not_join_autograd(h, device, op, path):
 def test_build_info():
     info = wavg_ext.build_info()
     types = {"version": str, "cpu": bool, "cpu_capability": str, "openmp": bool,
-             "num_threads": int, "cuda": bool, "cuda_version": str, "cuda_archs": str,
-             "torch_version": str}
+             "num_threads": int, "cuda": bool, "cuda_built": bool, "cuda_status": str, "cuda_version": str,
+             "cuda_archs": str, "torch_version": str}
     assert set(types) <= set(info), f"missing keys: {set(types) - set(info)}"
     for key, typ in types.items():
         assert type(info[key]) is typ, f"{key}: {info[key]!r} is not a {typ.__name__}"
@@ -198,8 +198,9 @@ def test_build_info():
     assert info["cpu"] is True and info["cpu_capability"]
     assert info["num_threads"] == torch.get_num_threads()
     assert info["torch_version"] == torch.__version__, "built against another torch"
-    if info["cuda"]:
+    if info["cuda_built"]:
         assert info["cuda_version"] and info["cuda_archs"]
+    assert info["cuda_built"] or not info["cuda"]
     if info["openmp"] is False:
         assert not torch.backends.openmp.is_available(), "torch has OpenMP but the kernels do not"
 

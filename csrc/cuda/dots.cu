@@ -4,6 +4,24 @@
 
 namespace wavg_ext::cuda {
 
+// Defined here, not in rows.cuh: a __global__ function defined in a header would be
+// defined once per .cu that includes it, and _C_cuda would not link.
+// out[i] = sum over chunks w (in order, fixed tree) of partials[w * na + i]; one block per i.
+__global__ void __launch_bounds__(kCleanupThreads)
+    sum_partials_kernel(const double* partials, int64_t chunks, int64_t na, double* out) {
+  __shared__ SharedArray<double, kCleanupThreads> sums;
+  const int64_t i = blockIdx.x;
+  double s = 0.0;
+  for (int64_t w = threadIdx.x; w < chunks; w += blockDim.x) s += load_global(partials + w * na + i);
+  sums[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kCleanupThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) store_global(out + i, static_cast<double>(sums[0]));
+}
+
 int64_t row_chunks(const RowPlan& plan) {
   int64_t chunks = 0;
   for (const RowTask& t : plan.tasks) chunks += (t.numel + kChunkSize - 1) / kChunkSize;

@@ -1,7 +1,15 @@
-// Registers the CUDA kernels for the CUDA dispatch key. Built only with CUDA (the
-// emulated build reaches the same entries from the CPU key: cpu/register_cpu.cpp).
+// wavg_ext._C_cuda: registers the CUDA kernels for the CUDA dispatch key when loaded.
+// Built only with CUDA, as a module of its own, so that wavg_ext._C (the schemas and the
+// CPU kernels) needs no CUDA library: wavg_ext loads this module only under a torch with
+// CUDA (wavg_ext/__init__.py). The emulated build reaches the same entries from the CPU
+// key instead (cpu/register_cpu.cpp).
+#include <torch/extension.h>
+
 #include "../register_kernels.h"
 #include "ops_cuda.h"
+
+// Written by setup.py / CMakeLists.txt.
+#include "wavg_ext_build_config.h"
 
 namespace wavg_ext::cuda {
 namespace {
@@ -19,3 +27,15 @@ struct CudaKernels {
 TORCH_LIBRARY_IMPL(wavg_ext, CUDA, m) { register_kernels<CudaKernels>(m); }
 
 }  // namespace wavg_ext::cuda
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "wavg_ext's CUDA kernels (registered with the dispatcher on import)";
+  m.def("build_info", []() {
+    pybind11::dict info;
+    info["version"] = WAVG_EXT_VERSION;
+    info["cuda_version"] = WAVG_EXT_CUDA_VERSION;
+    info["cuda_archs"] = WAVG_EXT_CUDA_ARCH_LIST;
+    info["torch_version"] = WAVG_EXT_TORCH_VERSION;
+    return info;
+  });
+}

@@ -68,22 +68,6 @@ struct RowDotFunctor {
   }
 };
 
-// out[i] = sum over chunks w (in order, fixed tree) of partials[w * na + i]; one block per i.
-__global__ void __launch_bounds__(kCleanupThreads)
-    sum_partials_kernel(const double* partials, int64_t chunks, int64_t na, double* out) {
-  __shared__ SharedArray<double, kCleanupThreads> sums;
-  const int64_t i = blockIdx.x;
-  double s = 0.0;
-  for (int64_t w = threadIdx.x; w < chunks; w += blockDim.x) s += load_global(partials + w * na + i);
-  sums[threadIdx.x] = s;
-  __syncthreads();
-  for (int stride = kCleanupThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) sums[threadIdx.x] += sums[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) store_global(out + i, static_cast<double>(sums[0]));
-}
-
 template <typename a_t, typename y_t>
 struct RowMixFunctor {
   using opmath_t = at::opmath_type<a_t>;

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 import torch
 
 from .. import _C  # noqa: F401  (loading the extension registers torch.ops.wavg_ext.*)
+from .. import _cuda_loaded
 from . import reference
 
 Scalar = Union[float, int, torch.Tensor]
@@ -40,8 +41,8 @@ __all__ = [spec["name"] for spec in _C.op_specs()] + [
     "orthonormalize_many_", "new_basis", "validate", "param_metadata", "changed_params", "reference",
     "force_reference"]
 
-# Device types with compiled kernels in this build (CUDA only when it was built).
-_KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _C.build_info()["cuda"] else ["cpu"])
+# Device types with compiled kernels loaded (CUDA only when wavg_ext loaded _C_cuda).
+_KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _cuda_loaded else ["cpu"])
 _force_reference = os.environ.get("WAVG_EXT_FORCE_REFERENCE", "0") not in ("", "0")
 
 
