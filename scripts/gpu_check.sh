@@ -67,6 +67,8 @@ stage bench_ops 150 "$PY" -m wavg_ext.bench --suite ops --device cuda --cases em
   --json "$OUT_DIR/bench_ops.json"
 stage bench_project 120 "$PY" -m wavg_ext.bench --suite twa --device cuda --cases project_-gpt2-k10 \
   --json "$OUT_DIR/bench_project.json"
+stage bench_dropin 90 "$PY" -m wavg_ext.bench --suite dropin --device cuda --repeats 10 --cases gpt2 \
+  --json "$OUT_DIR/bench_dropin.json"
 
 "$PY" scripts/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/summary.md"
 echo "total $(( $(date +%s) - T0 ))s; logs in $OUT_DIR"

@@ -1,5 +1,5 @@
 """The summary table of scripts/gpu_check.sh: its stages' results (stages.txt) and the
-GPU benchmark (bench_ops.json, bench_project.json, written by python -m wavg_ext.bench)
+GPU benchmark (bench_ops.json, bench_project.json, bench_dropin.json, written by python -m wavg_ext.bench)
 as Markdown, ready for benchmarks/RESULTS.md.
 
     python scripts/gpu_summary.py OUTPUT_DIR
@@ -27,7 +27,8 @@ def _ms(row: Optional[dict]) -> str:
 
 def summary(folder: str) -> str:
     ops, proj = _load(folder, "bench_ops.json"), _load(folder, "bench_project.json")
-    env = (ops or proj or {}).get("env", {})
+    dropin = _load(folder, "bench_dropin.json")
+    env = (ops or proj or dropin or {}).get("env", {})
     lines: List[str] = [f"## GPU check: {env.get('device_name', '?')}, torch {env.get('torch_version', '?')}, "
                         f"{env.get('date', '?')}", "", "| stage | result | seconds |", "| --- | --- | ---: |"]
     status = os.path.join(folder, "stages.txt")
@@ -57,6 +58,11 @@ def summary(folder: str) -> str:
         lines += ["", "| project_ case | method | ms | GB/s |", "| --- | --- | ---: | ---: |"]
         for r in proj["twa_rows"]:
             lines.append(f"| {r['case']} | {r['method']} | {r['median_ms']:.3f} | {r['gbps']:.0f} |")
+    if dropin:
+        lines += ["", "| AveragedModel case | method | ms | x floor | vs torch |", "| --- | --- | ---: | ---: | ---: |"]
+        for r in dropin["dropin_rows"]:
+            lines.append(f"| {r['case']} | {r['method']} | {r['ms']:.3f} | {r['x_floor']:.2f}x | "
+                         f"{r['speedup_vs_torch']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import subprocess
 
 import torch
 
+from wavg_ext.bench import dropin as bench_dropin
 from wavg_ext.bench import ops as bench_ops
 from wavg_ext.bench import twa as bench_twa
 from wavg_ext.bench.__main__ import main as bench_main
@@ -28,6 +29,7 @@ def test_its_benchmark_cases_exist():
     cuda_ids = [c.id for c in bench_twa.all_cases(False, torch.device("cuda"))]
     assert "project_-gpt2-k10-fp32" in cuda_ids and "project_-gpt2-k10-bf16" in cuda_ids
     assert not any("gpt2" in c.id for c in bench_twa.all_cases(False, torch.device("cpu")))
+    assert sum("gpt2" in c.id for c in bench_dropin.all_cases()) == 4  # gpu_check.sh: --suite dropin --cases gpt2
 
 
 def test_summary_table_from_a_benchmark_run(tmp_path):
@@ -36,6 +38,8 @@ def test_summary_table_from_a_benchmark_run(tmp_path):
     rows = [dict(case="project_-gpt2-k10-fp32", method="project_", median_ms=12.5, gbps=812.0),
             dict(case="project_-gpt2-k10-fp32", method="paper", median_ms=40.0, gbps=254.0)]
     (tmp_path / "bench_project.json").write_text(json.dumps(dict(env={}, twa_rows=rows)))
+    bench_main(["--suite", "dropin", "--device", "cpu", "--cases", "averaged_model-ema-resnet50-fp32", "--quick",
+                "--repeats", "2", "--json", str(tmp_path / "bench_dropin.json")])
     (tmp_path / "stages.txt").write_text(
         "build              ok               71s  /out/build.log\n"
         "memcheck           FAILED rc=9      40s  /out/memcheck.log\n")
@@ -48,3 +52,5 @@ def test_summary_table_from_a_benchmark_run(tmp_path):
     assert 0 < floor and 0 < fused and cells[4] != "-" and cells[5] != "-"  # lerp and AveragedModel timed
     assert "| project_-gpt2-k10-fp32 | project_ | 12.500 | 812 |" in lines
     assert any(line.startswith("copy ceiling") for line in lines)
+    dropin = [line for line in lines if line.startswith("| averaged_model-ema-resnet50-fp32 |")]
+    assert [line.split("|")[2].strip() for line in dropin] == ["torch_averaged_model", "wavg_ext_averaged_model"]

@@ -1,12 +1,13 @@
 """Benchmark of the fused wavg_ext ops against pure-PyTorch ways of doing the same update.
 
-Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers|twa|trust] [--device cpu|cuda]
+Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers|twa|trust|dropin] [--device cpu|cuda]
 [--json PATH] [--plot PATH] [--repeats N] [--cases SUBSTR[,SUBSTR...]]``.
 
 Suites: ``ops`` (the fused averaging ops, :mod:`wavg_ext.bench.ops`), ``wrappers`` (the
 optimizer wrappers' per-step overhead, :mod:`wavg_ext.bench.wrappers`), ``twa``
 (:mod:`wavg_ext.bench.twa`) and ``trust`` (what following the model, float64 and
-compensated averages and ``skip_nonfinite`` cost, :mod:`wavg_ext.bench.trust`).
+compensated averages and ``skip_nonfinite`` cost, :mod:`wavg_ext.bench.trust`) and ``dropin``
+(``wavg_ext.AveragedModel`` vs torch's, :mod:`wavg_ext.bench.dropin`).
 ``torchrun --nproc_per_node=2 -m wavg_ext.bench.distributed`` runs the distributed one.
 """
 
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import build_info
-from . import ops, trust, twa, wrappers
+from . import dropin, ops, trust, twa, wrappers
 from .common import environment
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -34,10 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                              "fast calls get up to 25x more)")
     p.add_argument("--cases", metavar="SUBSTR", help="only cases whose id (op-shapes-dtype, or "
                    "step-method-shapes-dtype) contains one of these comma-separated substrings")
-    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa", "trust"], default="all",
+    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa", "trust", "dropin"], default="all",
                    help="the fused averaging ops, the optimizer wrappers' per-step overhead, the TWA "
                         "kernels (projection, orthonormalization), the cost of the trust features (model "
-                        "check, float64/compensated averages, skip_nonfinite), or all of them (default)")
+                        "check, float64/compensated averages, skip_nonfinite), AveragedModel vs torch's (dropin), "
+                        "or all of them (default)")
     args = p.parse_args(argv)
 
     cuda_ok = torch.cuda.is_available() and build_info()["cuda"]
@@ -56,15 +58,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     wcases = wrappers.all_cases(args.quick) if args.suite in ("all", "wrappers") else []
     tcases = twa.all_cases(args.quick, device) if args.suite in ("all", "twa") else []
     rcases = trust.all_cases(args.quick) if args.suite in ("all", "trust") else []
+    dcases = dropin.all_cases(args.quick) if args.suite in ("all", "dropin") else []
     if args.cases:
         subs = args.cases.split(",")
         cases = [c for c in cases if any(s in c.id for s in subs)]
         wcases = [c for c in wcases if any(s in c.id for s in subs)]
         tcases = [c for c in tcases if any(s in c.id for s in subs)]
         rcases = [c for c in rcases if any(s in c.id for s in subs)]
-        if not cases and not wcases and not tcases and not rcases:
+        dcases = [c for c in dcases if any(s in c.id for s in subs)]
+        if not cases and not wcases and not tcases and not rcases and not dcases:
             names = [c.id for c in ops.all_cases()] + [c.id for c in wrappers.all_cases()] + \
-                    [c.id for c in twa.all_cases()] + [c.id for c in trust.all_cases()]
+                    [c.id for c in twa.all_cases()] + [c.id for c in trust.all_cases()] + \
+                    [c.id for c in dropin.all_cases()]
             p.error(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
 
     env = environment(device)
@@ -118,9 +123,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows = trust.run_case(rcase, device, rounds, args.quick)
             rrows += rows
             print("\n" + trust.format_case(rcase, rows), flush=True)
+    drows = []
+    if dcases:
+        rounds = args.repeats or (10 if args.quick else 30)
+        print("\nDrop-ins: AveragedModel.update_parameters, wavg_ext's vs torch's, made from the same model; "
+              "x floor = time / (the bytes\nthe update moves at the in-place triad bandwidth of this run).", flush=True)
+        for dcase in dcases:
+            rows = dropin.run_case(dcase, device, rounds)
+            drows += rows
+            print("\n" + dropin.format_case(dcase, rows), flush=True)
     elapsed = time.perf_counter() - t_start
     load = os.getloadavg()[0]
-    print(f"\n{len(cases) + len(wcases) + len(tcases) + len(rcases)} cases in {elapsed:.1f} s; load average now "
+    print(f"\n{len(cases) + len(wcases) + len(tcases) + len(rcases) + len(dcases)} cases in {elapsed:.1f} s; load average now "
           f"{load:.2f}")
     if load > 0.5 * env["num_threads"] + 1:  # this run itself adds about 1
         print("WARNING: other processes competed for the cores during the run; the timings are noisy.")
@@ -129,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, args=vars(args), repeats=repeats, elapsed_s=elapsed,
                            rows=[r for _, rows in results for r in rows], wrapper_rows=wrows, twa_rows=trows,
-                           trust_rows=rrows),
+                           trust_rows=rrows, dropin_rows=drows),
                       f, indent=1)
         print(f"wrote {args.json}")
     if args.plot and results:
