@@ -178,8 +178,23 @@ def _seed_and_restore():
     torch.set_num_threads(threads)
 
 
+class NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails on any read of a tensor's value by the host (what synchronizes on a GPU):
+    ``with h.NoHostReads(): ...`` checks that a CPU run of an update makes none."""
+
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+             torch.Tensor.tolist, torch.Tensor.__index__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"host read of a tensor: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
 class Helpers:
     """Plain functions shared by the test modules (handed out by the `h` fixture)."""
+
+    NoHostReads = NoHostReads
 
     OPS = OPS
     OP_NAMES = OP_NAMES

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 from torch.optim import swa_utils as T
-from torch.overrides import TorchFunctionMode
 
 import wavg_ext
 from wavg_ext import ops
@@ -245,30 +244,18 @@ def test_is_a_torch_averaged_model_and_forwards():
     assert avg.n_averaged.dtype == torch.long and avg.n_averaged.item() == 0
 
 
-class _NoHostReads(TorchFunctionMode):
-    """Fails on any read of a tensor's value by the host (what synchronizes on a GPU)."""
-
-    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-             torch.Tensor.tolist, torch.Tensor.__index__}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            raise AssertionError(f"host read of a tensor: {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fn_name", ["swa-default", "ema-multi", "torch-ema-multi", "swa-avg"])
-def test_no_host_read_of_the_count(fn_name):
+def test_no_host_read_of_the_count(h, fn_name):
     model = Net()
     ours = wavg_ext.AveragedModel(model, use_buffers=True, **FNS[fn_name][0])
     ours.update_parameters(model)  # the first may read the count once
-    with _NoHostReads():
+    with h.NoHostReads():
         for _ in range(3):
             ours.update_parameters(model)
     assert ours.n_averaged.item() == 4
     theirs = T.AveragedModel(model)
     theirs.update_parameters(model)
-    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+    with pytest.raises(AssertionError, match="host read"), h.NoHostReads():
         theirs.update_parameters(model)  # the check can fail: torch reads n_averaged
 
 

@@ -85,12 +85,14 @@ __version__ = _C.build_info()["version"]  # the version built: wavg_ext/_version
 from . import ops  # noqa: E402
 from . import optim  # noqa: E402
 from .bn import update_bn  # noqa: E402
+from .model_ema import ModelEMA  # noqa: E402
+from . import compat  # noqa: E402
 from .swa_utils import (AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn, get_swa_avg_fn,  # noqa: E402
                         get_swa_multi_avg_fn)
 from .optim import (EMA, PSWA, PSWM, PWALKS, SWA, TWA, NonFiniteSampleWarning, PeriodicSWA,  # noqa: E402
                     RankDeficientSampleWarning, WeightAveraging, cyclic_lr)
 
-__all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "AveragedModel", "get_ema_multi_avg_fn",
+__all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "AveragedModel", "ModelEMA", "compat", "get_ema_multi_avg_fn",
            "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn", "WeightAveraging", "SWA", "EMA", "PSWA",
            "PWALKS", "PSWM", "PeriodicSWA", "TWA", "RankDeficientSampleWarning", "NonFiniteSampleWarning",
            "__version__"]

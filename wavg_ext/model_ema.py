@@ -1,0 +1,286 @@
+"""``wavg_ext.ModelEMA``: an exponential moving average of a model, kept in a separate copy
+you can evaluate while training goes on (the model-EMA of timm's ``ModelEmaV3``, diffusers'
+``EMAModel``, ema-pytorch's ``EMA`` and torch-ema), updated by one fused op per device.
+
+The decay at optimizer step ``t`` (``update(model, step=t)``, or the count of updates when
+no step is given) follows the schedule those libraries share:
+
+- ``s = t - update_after_step - 1``; while ``s <= 0`` the average is a copy of the model
+  (decay 0: the first update copies);
+- with ``warmup=True``: ``1 - (1 + s / inv_gamma) ** -power`` (@crowsonkb's warmup; ``inv_gamma=1,
+  power=2/3`` reaches 0.999 at 31.6k steps, 0.9999 at 1M), else ``decay``;
+- clamped to ``[min_decay, decay]``. ``decay`` may be a callable of the step instead (it
+  is kept across ``load_state_dict``, which restores the step).
+
+Floating-point parameters and buffers are averaged (``exclude_buffers=True`` copies the
+buffers instead, as do names matching ``exclude``); integer ones (BatchNorm's
+``num_batches_tracked``) are copied. ``average_dtype=torch.float32`` keeps float32
+averages of a bfloat16/float16 model. No host-device synchronization per update; bad input
+raises before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import itertools
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["ModelEMA", "ema_decay"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Decay = Union[float, Callable[[int], float]]
+
+
+def _check_unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:  # also NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def ema_decay(step: int, decay: float, min_decay: float = 0.0, update_after_step: int = 0, warmup: bool = False,
+              inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
+    """The decay of the EMA update at optimizer step ``step`` (see the module docstring):
+    0 (a copy) up to ``update_after_step + 1``, then ``decay`` or the warmup form, within
+    ``[min_decay, decay]``."""
+    s = step - update_after_step - 1
+    if s <= 0:
+        return 0.0
+    d = 1.0 - (1.0 + s / inv_gamma) ** -power if warmup else decay
+    return max(min(d, decay), min_decay)
+
+
+def _device_groups(avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> Dict[torch.device, Tuple[List[Tensor], List[Tensor]]]:
+    groups: Dict[torch.device, Tuple[List[Tensor], List[Tensor]]] = {}
+    for a, x in zip(avgs, xs):
+        ga, gx = groups.setdefault(a.device, ([], []))
+        ga.append(a)
+        gx.append(x)
+    return groups
+
+
+def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[Tensor], copy_from: Sequence[Tensor],
+                decay: float) -> None:
+    """avgs <- decay * avgs + (1 - decay) * xs (a copy when decay is 0), copies <- copy_from:
+    one fused op per device for the averages, checked for every device before any write.
+    xs are moved to their average's device first."""
+    xs = [x if x.device == a.device else x.to(a.device, non_blocking=True) for a, x in zip(avgs, xs)]
+    copy_from = [x if x.device == c.device else x.to(c.device, non_blocking=True) for c, x in zip(copies, copy_from)]
+    op, scalar = ("scale_copy_", 1.0) if decay == 0.0 else ("ema_", 1.0 - decay)
+    groups = _device_groups(avgs, xs)
+    for ga, gx in groups.values():
+        ops.validate(op, ga, gx, scalar)
+    for ga, gx in groups.values():
+        getattr(ops, op)(ga, gx, scalar)
+    for gc, gx in _device_groups(copies, copy_from).values():
+        torch._foreach_copy_(gc, gx)
+
+
+class ModelEMA(nn.Module):
+    """An exponential moving average of ``model`` in a separate copy (``self.module``).
+
+    Args:
+        model: the model being trained (deep-copied; the copy is in eval mode and needs no grad).
+        decay: the decay (``0.9999``), or a callable ``step -> decay``.
+        min_decay, update_after_step, warmup, inv_gamma, power: the schedule (module docstring).
+        exclude_buffers: copy the buffers from the model instead of averaging them.
+        exclude: names (fnmatch patterns, e.g. ``"*.running_*"``) of parameters/buffers that
+            are copied from the model instead of averaged.
+        average_dtype: dtype of the floating-point averages (e.g. ``torch.float32`` for a
+            bfloat16 model); default: the model's.
+        device: where the copy lives (e.g. ``"cpu"``); default: the model's device.
+
+    ``update(model, step=None)`` after each optimizer step; ``current_decay`` is the decay it
+    used, ``num_updates`` how many it made. ``module`` (or calling this object) evaluates the
+    average; ``copy_to(model)``, ``store(model)``/``restore(model)`` and ``averaged(model)``
+    put it into the training model. ``state_dict()`` holds the averages (``module.*``) and
+    the counters: loading it resumes bit for bit.
+    """
+
+    def __init__(self, model: nn.Module, decay: Decay = 0.9999, *, min_decay: float = 0.0,
+                 update_after_step: int = 0, warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3,
+                 exclude_buffers: bool = False, exclude: Sequence[str] = (),
+                 average_dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(decay):
+            _check_unit("decay", decay)
+        self.min_decay = _check_unit("min_decay", min_decay)
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
+            raise ValueError(f"update_after_step must be an int >= 0, got {update_after_step!r}")
+        for name, v in (("inv_gamma", inv_gamma), ("power", power)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        if average_dtype is not None and average_dtype not in _FLOATS:
+            raise TypeError(f"average_dtype must be a floating-point dtype, got {average_dtype}")
+        self.decay = decay
+        self.update_after_step = update_after_step
+        self.warmup = bool(warmup)
+        self.inv_gamma = float(inv_gamma)
+        self.power = float(power)
+        self.exclude_buffers = bool(exclude_buffers)
+        self.exclude = tuple(exclude)
+        self.num_updates = 0
+        self.step = 0  # the step of the last update
+        self.current_decay: Optional[float] = None
+        self._stored: Optional[List[Tensor]] = None
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        self.module.requires_grad_(False)
+        if device is not None:
+            self.module.to(device)
+        if average_dtype is not None:
+            for t in itertools.chain(self.module.parameters(), self.module.buffers()):
+                if t.dtype in _FLOATS:
+                    t.data = t.data.to(average_dtype)
+        unmatched = [p for p in self.exclude if not any(fnmatch.fnmatchcase(n, p) for n, _ in self._entries(self.module))]
+        if unmatched:
+            raise ValueError(f"exclude: {unmatched} match no parameter or buffer name of the model")
+
+    # -- the schedule -----------------------------------------------------------------------
+    def decay_at(self, step: int) -> float:
+        """The decay ``update(model, step)`` uses."""
+        if callable(self.decay):
+            s = step - self.update_after_step - 1
+            return 0.0 if s <= 0 else max(min(_check_unit("decay(step)", self.decay(step)), 1.0), self.min_decay)
+        return ema_decay(step, self.decay, self.min_decay, self.update_after_step, self.warmup, self.inv_gamma,
+                         self.power)
+
+    # -- what is averaged -------------------------------------------------------------------
+    @staticmethod
+    def _entries(module: nn.Module) -> List[Tuple[str, Tensor]]:
+        return list(module.named_parameters()) + list(module.named_buffers())
+
+    def _averaged(self, name: str, t: Tensor, is_buffer: bool) -> bool:
+        return (t.dtype in _FLOATS and not (is_buffer and self.exclude_buffers)
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+
+    def _pairs(self, model: nn.Module):
+        mine = self._entries(self.module)
+        theirs = self._entries(model)
+        n_params = len(list(self.module.parameters()))
+        if [n for n, _ in mine] != [n for n, _ in theirs]:
+            missing = sorted({n for n, _ in mine} ^ {n for n, _ in theirs})
+            raise ValueError("update: the model's parameters and buffers are not the ones this ModelEMA was made "
+                             f"from (differing names: {missing[:5]}{' ...' if len(missing) > 5 else ''})")
+        avgs, xs, copies, sources = [], [], [], []
+        for i, ((name, a), (_, x)) in enumerate(zip(mine, theirs)):
+            if a.shape != x.shape:
+                raise ValueError(f"update: the model's {name} has shape {tuple(x.shape)}, its average "
+                                 f"{tuple(a.shape)}")
+            if self._averaged(name, a, i >= n_params):
+                avgs.append(a.detach())
+                xs.append(x.detach())
+            else:
+                copies.append(a.detach())
+                sources.append(x.detach())
+        return avgs, xs, copies, sources
+
+    # -- update -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        """Adds the model's current weights: ``avg <- d * avg + (1 - d) * weight`` with ``d =
+        decay_at(step)`` (``step`` defaults to the number of updates so far plus one)."""
+        if step is None:
+            step = self.num_updates + 1
+        elif isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        self._apply(model, self.decay_at(step), step)
+
+    def _apply(self, model: nn.Module, decay: float, step: int) -> None:
+        avgs, xs, copies, sources = self._pairs(model)
+        ema_update_(avgs, xs, copies, sources, decay)
+        self.num_updates += 1
+        self.step = step
+        self.current_decay = decay
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # -- putting the average into the training model ----------------------------------------
+    def _targets(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor]]:
+        mine, theirs = self._entries(self.module), self._entries(model)
+        if [n for n, _ in mine] != [n for n, _ in theirs] or any(a.shape != x.shape for (_, a), (_, x) in zip(mine, theirs)):
+            raise ValueError("the model's parameters and buffers are not the ones this ModelEMA was made from")
+        return [x.detach() for _, x in theirs], [a.detach() for _, a in mine]
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Writes the averages (and the copied buffers) into ``model``'s tensors."""
+        dsts, srcs = self._targets(model)
+        for gd, gs in _device_groups(dsts, [s.to(d.device, non_blocking=True) for d, s in zip(dsts, srcs)]).values():
+            torch._foreach_copy_(gd, gs)
+
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Sets the averages to ``model``'s current weights (the counters are kept)."""
+        srcs, dsts = self._targets(model)
+        srcs = [s.to(d.device, non_blocking=True) for d, s in zip(dsts, srcs)]
+        for gd, gs in _device_groups(dsts, srcs).values():
+            torch._foreach_copy_(gd, gs)
+
+    @torch.no_grad()
+    def store(self, model: nn.Module) -> None:
+        """Keeps a copy of ``model``'s weights for ``restore``."""
+        dsts, _ = self._targets(model)
+        self._stored = [t.clone() for t in dsts]
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Puts back the weights ``store`` kept."""
+        if self._stored is None:
+            raise RuntimeError("restore: nothing stored (call store(model) first)")
+        dsts, _ = self._targets(model)
+        for gd, gs in _device_groups(dsts, self._stored).values():
+            torch._foreach_copy_(gd, gs)
+        self._stored = None
+
+    @contextlib.contextmanager
+    def averaged(self, model: nn.Module) -> Iterator[nn.Module]:
+        """``with ema.averaged(model):`` the model holds the averages inside, its own weights
+        after (even on an exception)."""
+        self.store(model)
+        try:
+            self.copy_to(model)
+            yield model
+        finally:
+            self.restore(model)
+
+    def pin_memory(self) -> "ModelEMA":
+        """Pins the (CPU) averages, for non-blocking copies to and from a GPU."""
+        for t in itertools.chain(self.module.parameters(), self.module.buffers()):
+            if t.device.type == "cpu" and not t.is_pinned():
+                t.data = t.data.pin_memory()
+        return self
+
+    def averaged_state_dict(self) -> Dict[str, Tensor]:
+        """The averages keyed by the model's own names: ``model.load_state_dict`` takes it."""
+        return self.module.state_dict()
+
+    # -- checkpoints: the averages (module.*) and the counters ------------------------------
+    def get_extra_state(self) -> dict:
+        state = dict(num_updates=self.num_updates, step=self.step, current_decay=self.current_decay,
+                     min_decay=self.min_decay, update_after_step=self.update_after_step, warmup=self.warmup,
+                     inv_gamma=self.inv_gamma, power=self.power)
+        if not callable(self.decay):
+            state["decay"] = self.decay
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        for key in ("num_updates", "step", "current_decay", "min_decay", "update_after_step", "warmup", "inv_gamma",
+                    "power"):
+            setattr(self, key, state[key])
+        if "decay" in state and not callable(self.decay):  # a callable decay is kept
+            self.decay = state["decay"]
