@@ -2,7 +2,8 @@
 
 One test per (device, case, class) on the first 40 ResNet-50 shapes: each first checks that
 wavg_ext's AveragedModel and torch's agree after an update of moved weights, then
-benchmarks its class's update_parameters. With ``--benchmark-disable`` (CI) each body runs
+benchmarks its class's update_parameters; the same for ModelEMA.update and the model-EMA
+updates of the other libraries (those installed). With ``--benchmark-disable`` (CI) each body runs
 once, as a smoke test. No test asserts anything about timings.
 """
 
@@ -17,7 +18,8 @@ from wavg_ext.bench import dropin
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                                pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")])]
-CASES = [c for c in dropin.all_cases(quick=True)]
+CASES = [c for c in dropin.all_cases(quick=True) if c.fn != "model_ema"]
+EMA_CASES = [c for c in dropin.all_cases(quick=True) if c.fn == "model_ema"]
 
 
 @pytest.mark.parametrize("which", ["torch", "wavg_ext"])
@@ -37,3 +39,27 @@ def test_dropin_update(benchmark, device, case, which):
     assert int(ours.n_averaged) == int(theirs.n_averaged) == 2
     model = ours if which == "wavg_ext" else theirs
     benchmark(model.update_parameters, holder)
+
+
+@pytest.mark.parametrize("case", EMA_CASES, ids=[c.id for c in EMA_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_ema_update(benchmark, device, case):
+    benchmark.group = f"{case.id}-{device}"
+    g = torch.Generator(device=device).manual_seed(0)
+    holder = dropin.common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                        for s in dropin.common.SHAPE_SETS[case.shapes]()[:40]])
+    start = [p.detach().clone() for p in holder.parameters()]
+    methods = dropin.model_ema_methods(holder)  # each made and updated once: a copy of the weights
+    assert "wavg_ext_model_ema" in methods and any(k.startswith("timm") for k in methods)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.add_(1.0)
+    for method in methods.values():
+        method.run()
+    # Every library's average moved from the start by (1 - decay) (bf16: to its rounding).
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[case.dtype]
+    for name, method in methods.items():
+        for a, s in zip(method.outs, start):
+            torch.testing.assert_close(a.float(), (s.double() + (1 - dropin.EMA_DECAY)).float(), rtol=tol, atol=tol,
+                                       msg=name)
+    benchmark(methods["wavg_ext_model_ema"].run)

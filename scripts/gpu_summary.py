@@ -59,7 +59,8 @@ def summary(folder: str) -> str:
         for r in proj["twa_rows"]:
             lines.append(f"| {r['case']} | {r['method']} | {r['median_ms']:.3f} | {r['gbps']:.0f} |")
     if dropin:
-        lines += ["", "| AveragedModel case | method | ms | x floor | vs torch |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += ["", "| drop-in case | method | ms | x floor | speedup vs torch (AveragedModel) or timm (ModelEMA) |",
+                  "| --- | --- | ---: | ---: | ---: |"]
         for r in dropin["dropin_rows"]:
             lines.append(f"| {r['case']} | {r['method']} | {r['ms']:.3f} | {r['x_floor']:.2f}x | "
                          f"{r['speedup_vs_torch']:.2f}x |")

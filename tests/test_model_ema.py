@@ -15,6 +15,7 @@ from torch import nn
 
 import wavg_ext
 from wavg_ext import ModelEMA
+from wavg_ext.bench.dropin import TimmModelEmaV3Reimpl
 from wavg_ext.compat.diffusers import EMAModel
 from wavg_ext.compat.timm import ModelEmaV3
 
@@ -204,45 +205,8 @@ def test_no_host_reads_per_update(h):
 
 
 # --------------------------------------------------------------------------------- timm --
-class TimmModelEmaV3Reference(nn.Module):
-    """timm.utils.ModelEmaV3's update as its source (timm 1.0) writes it: lerp of every
-    floating-point state_dict value, copy of the others; get_decay with the warmup form."""
-
-    def __init__(self, model, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False,
-                 warmup_gamma=1.0, warmup_power=2 / 3, exclude_buffers=False):
-        super().__init__()
-        self.module = copy.deepcopy(model).eval()
-        self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
-        self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
-        self.exclude_buffers = exclude_buffers
-
-    def get_decay(self, step=None):
-        if step is None:
-            return self.decay
-        step = max(0, step - self.update_after_step - 1)
-        if step <= 0:
-            return 0.0
-        if self.use_warmup:
-            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
-            return max(min(decay, self.decay), self.min_decay)
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model, step=None):
-        decay = self.get_decay(step)
-        if self.exclude_buffers:
-            torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), weight=1.0 - decay)
-            for e, m in zip(self.module.buffers(), model.buffers()):
-                e.copy_(m)
-            return
-        lerp_e, lerp_m = [], []
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.is_floating_point():
-                lerp_e.append(e)
-                lerp_m.append(m)
-            else:
-                e.copy_(m)
-        torch._foreach_lerp_(lerp_e, lerp_m, weight=1.0 - decay)
+# timm's ModelEmaV3 as its source writes it (the benchmark's stand-in where timm does not import)
+TimmModelEmaV3Reference = TimmModelEmaV3Reimpl
 
 
 def _timm_classes():

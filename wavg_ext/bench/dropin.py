@@ -1,6 +1,9 @@
-"""The drop-ins against what they replace: ``wavg_ext.AveragedModel.update_parameters`` next
-to ``torch.optim.swa_utils.AveragedModel.update_parameters`` (``python -m wavg_ext.bench
---suite dropin``).
+"""The drop-ins against what they replace (``python -m wavg_ext.bench --suite dropin``):
+``wavg_ext.AveragedModel.update_parameters`` next to ``torch.optim.swa_utils.AveragedModel``'s,
+and ``wavg_ext.ModelEMA.update`` next to timm's ``ModelEmaV3.update`` (timm's own class when
+it imports, else its update re-implemented as timm 1.0 writes it: ``_foreach_lerp_`` over the
+floating-point state_dict values), diffusers' ``EMAModel.step`` (foreach on and off) and
+ema-pytorch's ``EMA.update`` where those are installed.
 
 Cases: ResNet-50 and GPT-2-small parameter shapes, float32 and bfloat16 parameters (both
 classes keep averages in the parameters' dtype: a deep copy of the model), default SWA and
@@ -12,13 +15,14 @@ write the average) at the in-place triad bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import copy
 import statistics
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch.optim import swa_utils as torch_swa
 
-from .. import swa_utils
+from .. import model_ema, swa_utils
 from . import common
 
 EMA_DECAY = 0.999
@@ -31,12 +35,16 @@ class DropInCase(NamedTuple):
 
     @property
     def id(self) -> str:
+        if self.fn == "model_ema":
+            return f"model_ema-{self.shapes}-{common.short(self.dtype)}"
         return f"averaged_model-{self.fn}-{self.shapes}-{common.short(self.dtype)}"
 
 
 def all_cases(quick: bool = False) -> List[DropInCase]:
+    """AveragedModel cases (fn "swa", "ema") and ModelEMA cases (fn "model_ema")."""
     shape_sets = ["resnet50"] if quick else ["resnet50", "gpt2"]
-    return [DropInCase(s, d, fn) for s in shape_sets for d in (torch.float32, torch.bfloat16) for fn in ("swa", "ema")]
+    return [DropInCase(s, d, fn) for s in shape_sets for d in (torch.float32, torch.bfloat16)
+            for fn in ("swa", "ema", "model_ema")]
 
 
 def models(case: DropInCase, device: torch.device, limit: Optional[int] = None):
@@ -55,24 +63,112 @@ def models(case: DropInCase, device: torch.device, limit: Optional[int] = None):
     return holder, theirs, ours
 
 
+class TimmModelEmaV3Reimpl(torch.nn.Module):
+    """timm's ModelEmaV3 (timm 1.0, foreach) re-implemented as its source writes it, for
+    where timm does not import (it imports torchvision): get_decay with the warmup form, and
+    update = lerp of the floating-point state_dict values, copy of the others (with
+    exclude_buffers: lerp of the parameters, copy of the buffers)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
+                 update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
+                 warmup_power: float = 2 / 3, exclude_buffers: bool = False):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval()
+        self.decay, self.min_decay, self.update_after_step = decay, min_decay, update_after_step
+        self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
+        self.exclude_buffers = exclude_buffers
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        if step is None:
+            return self.decay
+        step = max(0, step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        if self.use_warmup:
+            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
+            return max(min(decay, self.decay), self.min_decay)
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: Optional[int] = None) -> None:
+        decay = self.get_decay(step)
+        if self.exclude_buffers:
+            torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), weight=1.0 - decay)
+            for e, m in zip(self.module.buffers(), model.buffers()):
+                e.copy_(m)
+            return
+        lerp_e, lerp_m = [], []
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.is_floating_point():
+                lerp_e.append(e)
+                lerp_m.append(m)
+            else:
+                e.copy_(m)
+        torch._foreach_lerp_(lerp_e, lerp_m, weight=1.0 - decay)
+
+
+def model_ema_methods(holder: torch.nn.Module) -> Dict[str, common.Method]:
+    """name -> one EMA update of `holder` by that library, and the averages it keeps (each
+    made from `holder` and updated once: a copy of its weights)."""
+    out: Dict[str, common.Method] = {}
+    ours = model_ema.ModelEMA(holder, decay=EMA_DECAY)
+    out["wavg_ext_model_ema"] = common.Method(lambda: ours.update(holder), list(ours.module.parameters()))
+    try:
+        from timm.utils import ModelEmaV3  # imports torchvision
+
+        timm_ema = ModelEmaV3(holder, decay=EMA_DECAY)
+        out["timm_model_ema_v3"] = common.Method(lambda: timm_ema.update(holder), list(timm_ema.module.parameters()))
+    except Exception:
+        ref = TimmModelEmaV3Reimpl(holder, EMA_DECAY)
+        out["timm_model_ema_v3_reimpl"] = common.Method(lambda: ref.update(holder), list(ref.module.parameters()))
+    try:
+        from diffusers.training_utils import EMAModel
+
+        for foreach in (True, False):
+            d = EMAModel(holder.parameters(), decay=EMA_DECAY, foreach=foreach)
+            out[f"diffusers_ema_model{'_foreach' if foreach else ''}"] = common.Method(
+                lambda d=d: d.step(holder.parameters()), d.shadow_params)
+    except Exception:
+        pass
+    try:
+        from ema_pytorch import EMA
+
+        e = EMA(holder, beta=EMA_DECAY, update_after_step=0, update_every=1)
+        out["ema_pytorch"] = common.Method(e.update, list(e.ema_model.parameters()))
+    except Exception:
+        pass
+    for method in out.values():
+        method.run()
+    return out
+
+
 def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
-    holder, theirs, ours = models(case, device)
+    if case.fn == "model_ema":
+        g = torch.Generator(device=device).manual_seed(0)
+        holder = common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                     for s in common.SHAPE_SETS[case.shapes]()])
+        for p in holder.parameters():
+            p.requires_grad_(True)  # diffusers copies parameters that need no grad
+        fns: Dict[str, Callable[[], object]] = {k: m.run for k, m in model_ema_methods(holder).items()}
+        baseline = next(k for k in fns if k.startswith("timm"))
+    else:
+        holder, theirs, ours = models(case, device)
+        fns = {"torch_averaged_model": lambda: theirs.update_parameters(holder),
+               "wavg_ext_averaged_model": lambda: ours.update_parameters(holder)}
+        baseline = "torch_averaged_model"
     nbytes = 3 * sum(p.numel() * p.element_size() for p in holder.parameters())
     axpy = common.ceilings(nbytes, device)["ceiling_axpy"]()
-    fns: Dict[str, object] = {"torch_averaged_model": lambda: theirs.update_parameters(holder),
-                              "wavg_ext_averaged_model": lambda: ours.update_parameters(holder),
-                              "ceiling_axpy": axpy.run}
+    fns["ceiling_axpy"] = axpy.run
     times = common.time_interleaved(fns, device, rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
-    floor = med["ceiling_axpy"]
+    floor = med.pop("ceiling_axpy")
     rows = []
-    for name in ("torch_averaged_model", "wavg_ext_averaged_model"):
+    for name, t in med.items():
         rows.append(dict(case=case.id, method=name, shapes=case.shapes, dtype=common.short(case.dtype), fn=case.fn,
-                         tensors=len(list(holder.parameters())), bytes=nbytes, rounds=rounds, ms=med[name] * 1e3,
-                         floor_ms=floor * 1e3, x_floor=med[name] / floor, gbps=nbytes / med[name] / 1e9,
-                         triad_gbps=nbytes / floor / 1e9,
-                         speedup_vs_torch=med["torch_averaged_model"] / med[name]))
-    del holder, theirs, ours, axpy
+                         tensors=len(list(holder.parameters())), bytes=nbytes, rounds=rounds, ms=t * 1e3,
+                         floor_ms=floor * 1e3, x_floor=t / floor, gbps=nbytes / t / 1e9, triad_gbps=nbytes / floor / 1e9,
+                         baseline=baseline, speedup_vs_torch=med[baseline] / t))
+    del holder, fns, axpy
     common.free(device)
     return rows
 
@@ -82,8 +178,8 @@ def format_case(case: DropInCase, rows: List[dict]) -> str:
     lines = [f"{case.id}: {r0['tensors']} {r0['dtype']} tensors, {common.fmt_bytes(r0['bytes'])} moved per update; "
              f"floor {r0['floor_ms']:.3f} ms at {r0['triad_gbps']:.1f} GB/s (in-place triad, same run), "
              f"median of {r0['rounds']} interleaved rounds",
-             f"  {'method':<26}{'ms':>10}{'GB/s':>9}{'x floor':>9}{'vs torch':>10}"]
+             f"  {'method':<30}{'ms':>10}{'GB/s':>9}{'x floor':>9}  speedup vs {r0['baseline']}"]
     for r in rows:
-        lines.append(f"  {r['method']:<26}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['x_floor']:>8.2f}x"
+        lines.append(f"  {r['method']:<30}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['x_floor']:>8.2f}x"
                      f"{r['speedup_vs_torch']:>9.2f}x")
     return "\n".join(lines)
