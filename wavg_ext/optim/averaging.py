@@ -704,6 +704,32 @@ class WeightAveraging(_WrappedOptimizer):
         out.update(zip(self._int_buffer_names, self._int_averages))
         return out
 
+    def averaged_state_dict(self, module: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+        """The averages keyed by the model's own names: ``model.load_state_dict`` takes it.
+
+        Names come from the ``module`` given at construction, or from ``module`` here (its
+        parameters matched to the averaged ones by identity). Buffers the wrapper does not
+        average are the module's current ones, so the dict holds every key of the module's
+        state_dict (a strict load works) when the wrapper averages all of its parameters.
+        Tensors are the live averages (clone to keep a snapshot).
+        """
+        self._require_average("averaged_state_dict()")
+        module = module if module is not None else self.module
+        if module is None:
+            raise ValueError("averaged_state_dict: the names come from a module: give module= to the wrapper "
+                             "or to this call")
+        by_id = {id(p): n for n, p in module.named_parameters()}
+        names = [by_id.get(id(p)) for p in self._params]
+        if None in names:
+            raise ValueError(f"averaged_state_dict: averaged parameter {names.index(None)} is not a parameter of "
+                             "the module given")
+        averages = self.averaged_parameters()
+        out = dict(module.state_dict())
+        out.update(zip(names, averages))
+        if self.average_buffers and module is self.module:
+            out.update({k: v for k, v in self.averaged_buffers().items() if k in out})
+        return out
+
     def swap(self) -> None:
         """Puts the averaged weights into the model; a second call puts the training weights back.
 
