@@ -257,7 +257,7 @@ def test_compat_timm_set_and_forward():
 
 # ---------------------------------------------------------------------------- diffusers --
 class DiffusersEMAModelReference:
-    """diffusers.training_utils.EMAModel's step as its source (diffusers 0.3x) writes it."""
+    """diffusers.training_utils.EMAModel's step as its source (diffusers 0.42) writes it."""
 
     def __init__(self, parameters, decay=0.9999, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
                  inv_gamma=1.0, power=2 / 3):
@@ -273,7 +273,7 @@ class DiffusersEMAModelReference:
         if self.use_ema_warmup:
             cur = 1 - (1 + step / self.inv_gamma) ** -self.power
         else:
-            cur = self.decay
+            cur = (1 + step) / (10 + step)
         return max(min(cur, self.decay), self.min_decay)
 
     @torch.no_grad()

@@ -3,7 +3,8 @@ you can evaluate while training goes on (the model-EMA of timm's ``ModelEmaV3``,
 ``EMAModel``, ema-pytorch's ``EMA`` and torch-ema), updated by one fused op per device.
 
 The decay at optimizer step ``t`` (``update(model, step=t)``, or the count of updates when
-no step is given) follows the schedule those libraries share:
+no step is given) follows timm's schedule (diffusers' and ema-pytorch's with warmup;
+diffusers without warmup ramps ``(1 + s) / (10 + s)``, which ``compat.diffusers`` keeps):
 
 - ``s = t - update_after_step - 1``; while ``s <= 0`` the average is a copy of the model
   (decay 0: the first update copies);

@@ -4,8 +4,9 @@ update. ``from wavg_ext.compat.diffusers import EMAModel`` replaces
 
 diffusers' semantics: the EMA is of a list of parameters (``shadow_params``); ``step(parameters)``
 counts ``optimization_step`` and uses decay 0 (a copy) up to ``update_after_step + 1``, then
-``decay`` or, with ``use_ema_warmup``, ``1 - (1 + s / inv_gamma) ** -power``, clamped to
-``[min_decay, decay]``; parameters that do not require grad are copied. ``foreach`` is
+``(1 + s) / (10 + s)`` or, with ``use_ema_warmup``, ``1 - (1 + s / inv_gamma) ** -power``,
+clamped to ``[min_decay, decay]`` (s: steps after ``update_after_step + 1``); parameters that
+do not require grad are copied. ``foreach`` is
 accepted and ignored (always fused). What differs: ``load_state_dict`` checks the whole dict
 before changing anything and refuses one that is not an EMAModel state (diffusers silently
 loads nothing from, e.g., a ModelEMA or AveragedModel state_dict).
@@ -63,8 +64,15 @@ class EMAModel:
         self.model_config = model_config
 
     def get_decay(self, optimization_step: int) -> float:
-        return ema_decay(optimization_step, self.decay, self.min_decay, self.update_after_step, self.use_ema_warmup,
-                         self.inv_gamma, self.power)
+        """diffusers': 0 up to ``update_after_step + 1``, then the warmup form or, without
+        warmup, ``(1 + s) / (10 + s)``, clamped to ``[min_decay, decay]``."""
+        if self.use_ema_warmup:
+            return ema_decay(optimization_step, self.decay, self.min_decay, self.update_after_step, True,
+                             self.inv_gamma, self.power)
+        s = max(0, optimization_step - self.update_after_step - 1)
+        if s <= 0:
+            return 0.0
+        return max(min((1 + s) / (10 + s), self.decay), self.min_decay)
 
     def _check(self, parameters: List[torch.Tensor], what: str) -> None:
         if len(parameters) != len(self.shadow_params):
