@@ -242,3 +242,59 @@ def test_transformers_callback_averages_evaluates_and_saves(tmp_path):
     saved = load_file(str(ckpt / "model.safetensors"))
     for (name, a) in cb.average.module.named_parameters():
         assert torch.equal(saved[name], a), name
+
+
+# ------------------------------------------------------------------------ optimizer proxies --
+def _trained_ema(steps=3):
+    net = _net()
+    ema = wavg_ext.EMA(torch.optim.SGD(net.parameters(), lr=0.05), decay=0.5, module=net)
+    for x, y in list(_data())[:steps]:
+        ema.zero_grad()
+        (net(x) - y).pow(2).mean().backward()
+        ema.step()
+    return net, ema
+
+
+def test_lightning_optimizer_proxy_reaches_the_wrapper_state():
+    """Through LightningOptimizer (what self.optimizers() returns), swap/reset/averaged act on
+    the wrapper itself: its swapped-state guards hold for every caller."""
+    _lightning()
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    net, ema = _trained_ema()
+    proxy = LightningOptimizer(ema)
+    assert isinstance(proxy, wavg_ext.EMA) and proxy.num_averaged == ema.num_averaged == 4
+    training = [p.detach().clone() for p in net.parameters()]
+    proxy.swap()
+    assert ema.swapped and proxy.swapped
+    assert all(torch.equal(p, a) for p, a in zip(net.parameters(), ema.averaged_parameters()))
+    with pytest.raises(RuntimeError, match="swap"):
+        ema.step()  # the wrapper knows it is swapped
+    with pytest.raises(RuntimeError, match="reset"):
+        proxy.reset()
+    proxy.swap()
+    assert not ema.swapped and all(torch.equal(p, t) for p, t in zip(net.parameters(), training))
+    proxy.reset()
+    assert ema.num_averaged == 0 and proxy.num_averaged == 0
+    assert "_stash" not in proxy.__dict__ and "_num" not in proxy.__dict__  # nothing written on the proxy
+    assert wavg_ext.optim.find_averaging(proxy) is ema
+
+
+def test_accelerate_proxy_and_find_averaging():
+    accelerate = pytest.importorskip("accelerate")
+    net = _net()
+    ema = wavg_ext.EMA(torch.optim.SGD(net.parameters(), lr=0.05), decay=0.5, module=net)
+    accelerator = accelerate.Accelerator(cpu=True)
+    net, opt = accelerator.prepare(net, ema)
+    for x, y in list(_data())[:3]:
+        opt.zero_grad()
+        accelerator.backward((net(x) - y).pow(2).mean())
+        opt.step()
+    with pytest.raises(AttributeError, match="averaged"):
+        opt.averaged  # accelerate forwards no wrapper method: loud, and find_averaging reaches it
+    found = wavg_ext.optim.find_averaging(opt)
+    assert found is ema and ema.num_averaged == 4
+    with found.averaged():
+        assert all(torch.equal(p, a) for p, a in zip(net.parameters(), ema.averaged_parameters()))
+    with pytest.raises(TypeError, match="no wavg_ext averaging optimizer behind SGD"):
+        wavg_ext.optim.find_averaging(torch.optim.SGD(_net().parameters(), lr=0.1))

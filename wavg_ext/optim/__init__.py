@@ -4,6 +4,7 @@
 from .averaging import EMA, PSWA, PSWM, PWALKS, SWA, PeriodicSWA, WeightAveraging, fraction_count
 from .schedules import cyclic_lr
 from .twa import TWA, NonFiniteSampleWarning, RankDeficientSampleWarning
+from .wrapper import find_averaging
 
 __all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA", "TWA",
-           "RankDeficientSampleWarning", "NonFiniteSampleWarning", "cyclic_lr", "fraction_count"]
+           "RankDeficientSampleWarning", "NonFiniteSampleWarning", "cyclic_lr", "fraction_count", "find_averaging"]

@@ -12,6 +12,7 @@ the header check of the wrappers' ``state_dict`` sections.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 from typing import Any, Callable, Dict, List, Optional
@@ -21,7 +22,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 
-__all__ = ["_WrappedOptimizer", "_check_int", "_check_real", "_check_fraction", "_check_saved_tensors"]
+__all__ = ["_WrappedOptimizer", "find_averaging", "_check_int", "_check_real", "_check_fraction", "_check_saved_tensors"]
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -60,6 +61,48 @@ def _check_saved_tensors(kind: str, saved: Any, mine: List[torch.Tensor]) -> Non
             raise ValueError(f"state dict {kind}[{i}] is {got}, expected {list(d.shape)} {d.dtype}")
 
 
+# --------------------------------------------------------------------------- proxies
+
+# Frameworks hand the user a proxy of the optimizer: Lightning's LightningOptimizer is an
+# instance of a class made from (LightningOptimizer, the wrapper's class) that forwards the
+# attributes it lacks to the wrapper (older Lightning copied the wrapper's __dict__). A
+# wrapper method called through it runs with self = the proxy, so state it writes (swap's
+# stash, reset's counters) would land on the proxy, out of sight of step() and of every
+# other proxy. The public methods and properties therefore run on the wrapper itself:
+# _wavg_owner is the wrapper, found through the proxy's forwarding or its copied __dict__.
+
+
+def _on_owner(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        owner = self.__dict__.get("_wavg_owner")
+        if owner is None:  # no __dict__ entry: maybe a forwarding proxy
+            owner = getattr(self, "_wavg_owner", None)
+        if owner is not None and owner is not self:
+            return fn(owner, *args, **kwargs)
+        return fn(self, *args, **kwargs)
+
+    return call
+
+
+def find_averaging(optimizer: Any) -> "_WrappedOptimizer":
+    """The wavg_ext optimizer wrapper (SWA, EMA, ..., TWA) behind framework proxies:
+    follows ``.optimizer`` / ``._optimizer`` (accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer, ...). ``find_averaging(opt).averaged()`` works wherever the proxy
+    does not forward the wrapper's methods itself. TypeError when there is none."""
+    seen = []
+    current = optimizer
+    while current is not None and len(seen) < 16:
+        if isinstance(current, _WrappedOptimizer):
+            owner = current.__dict__.get("_wavg_owner") or getattr(current, "_wavg_owner", current)
+            return owner
+        seen.append(type(current).__name__)
+        current = current.__dict__.get("optimizer", current.__dict__.get("_optimizer")) \
+            if hasattr(current, "__dict__") else None
+    chain = " -> ".join(seen) if seen else repr(optimizer)
+    raise TypeError(f"find_averaging: no wavg_ext averaging optimizer behind {chain}")
+
+
 # --------------------------------------------------------------------------- the wrapper
 
 
@@ -79,6 +122,24 @@ class _WrappedOptimizer(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
+        self._wavg_owner = self  # (a copy or an unpickled wrapper gets its own: memo/pickle keep the cycle)
+
+    # Every public method and property a subclass defines runs on the wrapper, also when
+    # called through a proxy (_on_owner); step stays direct (proxies wrap it themselves).
+    _DIRECT = frozenset({"step"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or name in cls._DIRECT:
+                continue
+            if isinstance(value, property):
+                setattr(cls, name, property(_on_owner(value.fget) if value.fget else None,
+                                            _on_owner(value.fset) if value.fset else None, value.fdel, value.__doc__))
+            elif isinstance(value, classmethod) or isinstance(value, staticmethod):
+                continue
+            elif callable(value):
+                setattr(cls, name, _on_owner(value))
 
     # ----------------------------------------------------------------- shared with the base
 
