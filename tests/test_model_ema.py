@@ -351,3 +351,19 @@ def test_compat_diffusers_refuses_a_foreign_state_dict():
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, shadow))
     with pytest.raises(ValueError, match="step: 3 parameters given, the EMA holds"):
         ema.step(list(model.parameters())[:3])
+
+
+def test_model_ema_with_warmup_matches_ema_pytorch():
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    for k in (0, 3):
+        gen = torch.Generator().manual_seed(8)
+        model = Net()
+        theirs = ema_pytorch.EMA(model, beta=0.99, update_after_step=k, update_every=1)
+        ours = ModelEMA(model, decay=0.99, update_after_step=k, warmup=True)
+        for _ in range(12):
+            _train_step(model, gen)
+            theirs.update()
+            ours.update(model)
+        assert abs(ours.current_decay - float(theirs.get_current_decay())) < 1e-6
+        for a, b in zip(ours.module.parameters(), theirs.ema_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
