@@ -367,3 +367,42 @@ def test_model_ema_with_warmup_matches_ema_pytorch():
         assert abs(ours.current_decay - float(theirs.get_current_decay())) < 1e-6
         for a, b in zip(ours.module.parameters(), theirs.ema_model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_load_averages_from_other_layouts():
+    gen = torch.Generator().manual_seed(9)
+    model = Net()
+    avg_model = wavg_ext.AveragedModel(model, multi_avg_fn=wavg_ext.get_ema_multi_avg_fn(0.5), use_buffers=True)
+    timm_like = ModelEmaV3(model, decay=0.5)
+    diff = EMAModel(model.parameters(), decay=0.5)
+    for _ in range(3):
+        _train_step(model, gen)
+        avg_model.update_parameters(model)
+        timm_like.update(model)
+        diff.step(model.parameters())
+    from wavg_ext.compat.timm import checkpoint_dict
+
+    layouts = {"averaged_model": (avg_model.state_dict(), avg_model.module, 3),
+               "timm": (timm_like.state_dict(), timm_like.module, None),
+               "timm_checkpoint": (checkpoint_dict(model, timm_like, epoch=1), timm_like.module, None),
+               "names": (timm_like.averaged_state_dict(), timm_like.module, None)}
+    for name, (state, source, count) in layouts.items():
+        ema = ModelEMA(Net())
+        ema.load_averages(state)
+        for a, b in zip(ema.module.state_dict().values(), source.state_dict().values()):
+            assert torch.equal(a, b), name
+        if count is not None:
+            assert ema.num_updates == count
+    ema = ModelEMA(Net())
+    ema.load_averages(diff.state_dict())
+    assert ema.num_updates == ema.step == 3
+    for a, b in zip(ema.module.parameters(), diff.shadow_params):
+        assert torch.equal(a, b)
+    before = _state(ema)
+    with pytest.raises(ValueError, match="not this model's averages"):
+        ema.load_averages(ModelEMA(nn.Linear(2, 2)).averaged_state_dict())
+    bad = dict(timm_like.averaged_state_dict(), **{"fc.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=r"fc.weight is \(3, 3\), its average \(5, 64\)"):
+        ema.load_averages(bad)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k], k

@@ -270,6 +270,61 @@ class ModelEMA(nn.Module):
         """The averages keyed by the model's own names: ``model.load_state_dict`` takes it."""
         return self.module.state_dict()
 
+    # -- importing the averages of other libraries ------------------------------------------
+    @torch.no_grad()
+    def load_averages(self, state: Dict[str, Any]) -> None:
+        """Loads averages saved in another layout, checked completely before anything changes:
+
+        - ``torch.optim.swa_utils.AveragedModel.state_dict()`` (``n_averaged``, ``module.*``;
+          also wavg_ext.AveragedModel's) and timm ``ModelEmaV3.state_dict()`` (``module.*``);
+        - a timm training checkpoint (its ``state_dict_ema``);
+        - diffusers ``EMAModel.state_dict()`` (``shadow_params`` in parameter order, and
+          ``optimization_step``, which becomes the step and the update count);
+        - the model's own names (``averaged_state_dict()``, ``model.state_dict()``).
+
+        Buffers missing from the saved state (diffusers keeps parameters only) are left as
+        they are; every parameter must be there.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"load_averages: expected a dict, got {type(state).__name__}")
+        names = [n for n, _ in self._entries(self.module)]
+        params = [n for n, _ in self.module.named_parameters()]
+        count = None
+        if "shadow_params" in state:  # diffusers
+            shadow = state["shadow_params"]
+            if not isinstance(shadow, (list, tuple)):
+                raise TypeError(f"load_averages: shadow_params is a {type(shadow).__name__}, not a list")
+            if len(shadow) != len(params):
+                raise ValueError(f"load_averages: shadow_params holds {len(shadow)} tensors, the model has "
+                                 f"{len(params)} parameters")
+            values = dict(zip(params, shadow))
+            count = state.get("optimization_step")
+        else:
+            if "state_dict_ema" in state:  # a timm checkpoint file
+                state = state["state_dict_ema"]
+            if any(k.startswith("module.") for k in state):
+                values = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+                if "n_averaged" in state:
+                    count = int(state["n_averaged"])
+            else:
+                values = dict(state)
+        missing = [n for n in params if n not in values]
+        unknown = [k for k in values if k not in names]
+        if missing or unknown:
+            raise ValueError(f"load_averages: not this model's averages (missing {missing[:5]}, unknown "
+                             f"{unknown[:5]})")
+        own = dict(self._entries(self.module))
+        for name, v in values.items():
+            if not isinstance(v, torch.Tensor) or v.shape != own[name].shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"load_averages: {name} is {got}, its average {tuple(own[name].shape)}")
+            if v.is_floating_point() != own[name].is_floating_point():
+                raise TypeError(f"load_averages: {name} is {v.dtype}, its average {own[name].dtype}")
+        for name, v in values.items():
+            own[name].detach().copy_(v)
+        if count is not None:
+            self.num_updates = self.step = int(count)
+
     # -- checkpoints: the averages (module.*) and the counters ------------------------------
     def get_extra_state(self) -> dict:
         state = dict(num_updates=self.num_updates, step=self.step, current_decay=self.current_decay,

@@ -19,7 +19,14 @@ from torch import nn
 
 from ..model_ema import ModelEMA
 
-__all__ = ["ModelEmaV3"]
+__all__ = ["ModelEmaV3", "checkpoint_dict"]
+
+
+def checkpoint_dict(model: nn.Module, ema: ModelEMA, **extra) -> dict:
+    """A training checkpoint in timm's layout: ``state_dict`` (the model's), ``state_dict_ema``
+    (the averages by the model's names: what ``timm.models.load_checkpoint(..., use_ema=True)``
+    loads) and any ``extra`` entries (``epoch``, ``optimizer``, ...). For ``torch.save``."""
+    return dict(extra, state_dict=model.state_dict(), state_dict_ema=ema.averaged_state_dict())
 
 
 class ModelEmaV3(ModelEMA):
