@@ -73,14 +73,18 @@ def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[T
                 decay: float) -> None:
     """avgs <- decay * avgs + (1 - decay) * xs (a copy when decay is 0), copies <- copy_from:
     one fused op per device for the averages, checked for every device before any write.
-    xs are moved to their average's device first."""
-    xs = [x if x.device == a.device else x.to(a.device, non_blocking=True) for a, x in zip(avgs, xs)]
-    copy_from = [x if x.device == c.device else x.to(c.device, non_blocking=True) for c, x in zip(copies, copy_from)]
+    xs on another device than their average are moved to it first."""
     op, scalar = ("scale_copy_", 1.0) if decay == 0.0 else ("ema_", 1.0 - decay)
-    groups = _device_groups(avgs, xs)
-    for ga, gx in groups.values():
-        ops.validate(op, ga, gx, scalar)
-    for ga, gx in groups.values():
+    try:  # the common case, everything on one device: one check, one call
+        ops.validate(op, avgs, xs, scalar)
+        groups = [(avgs, xs)] if len(avgs) else []
+    except (ValueError, TypeError):
+        xs = [x if x.device == a.device else x.to(a.device, non_blocking=True) for a, x in zip(avgs, xs)]
+        groups = list(_device_groups(avgs, xs).values())
+        for ga, gx in groups:
+            ops.validate(op, ga, gx, scalar)  # raises what is wrong (shape, dtype), naming the index
+    copy_from = [x if x.device == c.device else x.to(c.device, non_blocking=True) for c, x in zip(copies, copy_from)]
+    for ga, gx in groups:
         getattr(ops, op)(ga, gx, scalar)
     for gc, gx in _device_groups(copies, copy_from).values():
         torch._foreach_copy_(gc, gx)
@@ -164,30 +168,53 @@ class ModelEMA(nn.Module):
     def _entries(module: nn.Module) -> List[Tuple[str, Tensor]]:
         return list(module.named_parameters()) + list(module.named_buffers())
 
-    def _averaged(self, name: str, t: Tensor, is_buffer: bool) -> bool:
-        return (t.dtype in _FLOATS and not (is_buffer and self.exclude_buffers)
-                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+    def _excluded(self, names: List[str]) -> frozenset:
+        """The names ``exclude`` matches (cached: the names rarely change)."""
+        key = tuple(names)
+        if getattr(self, "_excluded_key", None) != key:
+            self._excluded_key = key
+            self._excluded_set = frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.exclude))
+        return self._excluded_set
 
     def _pairs(self, model: nn.Module):
-        mine = self._entries(self.module)
-        theirs = self._entries(model)
-        n_params = len(list(self.module.parameters()))
-        if [n for n, _ in mine] != [n for n, _ in theirs]:
-            missing = sorted({n for n, _ in mine} ^ {n for n, _ in theirs})
+        """(averages, the model's tensors, copies, their sources): the model's own tensors
+        (parameters as they are: a later ``p.data = ...`` is followed), names checked here,
+        shapes by the ops' checks (names added on failure: ``_named_error``)."""
+        mine_p, mine_b = list(self.module.named_parameters()), list(self.module.named_buffers())
+        their_p, their_b = list(model.named_parameters()), list(model.named_buffers())
+        names = [n for n, _ in mine_p] + [n for n, _ in mine_b]
+        their_names = [n for n, _ in their_p] + [n for n, _ in their_b]
+        if names != their_names:
+            missing = sorted(set(names) ^ set(their_names))
             raise ValueError("update: the model's parameters and buffers are not the ones this ModelEMA was made "
                              f"from (differing names: {missing[:5]}{' ...' if len(missing) > 5 else ''})")
+        excluded = self._excluded(names) if self.exclude else frozenset()
         avgs, xs, copies, sources = [], [], [], []
-        for i, ((name, a), (_, x)) in enumerate(zip(mine, theirs)):
+        for (name, a), (_, x) in zip(mine_p, their_p):
+            if a.is_floating_point() and name not in excluded:
+                avgs.append(a)
+                xs.append(x)
+            else:
+                copies.append(a)
+                sources.append(x)
+        for (name, a), (_, x) in zip(mine_b, their_b):
+            if a.is_floating_point() and not self.exclude_buffers and name not in excluded:
+                avgs.append(a)
+                xs.append(x)
+            else:
+                copies.append(a)
+                sources.append(x)
+        for c, x in zip(copies, sources):  # (copy_ would broadcast a smaller tensor silently)
+            if c.shape != x.shape:
+                self._named_error(model)
+        return avgs, xs, copies, sources
+
+    def _named_error(self, model: nn.Module) -> None:
+        """Raises the ValueError that names the first tensor whose shape differs from its average's."""
+        for (name, a), (_, x) in zip(self._entries(self.module), self._entries(model)):
             if a.shape != x.shape:
                 raise ValueError(f"update: the model's {name} has shape {tuple(x.shape)}, its average "
                                  f"{tuple(a.shape)}")
-            if self._averaged(name, a, i >= n_params):
-                avgs.append(a.detach())
-                xs.append(x.detach())
-            else:
-                copies.append(a.detach())
-                sources.append(x.detach())
-        return avgs, xs, copies, sources
 
     # -- update -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -202,7 +229,11 @@ class ModelEMA(nn.Module):
 
     def _apply(self, model: nn.Module, decay: float, step: int) -> None:
         avgs, xs, copies, sources = self._pairs(model)
-        ema_update_(avgs, xs, copies, sources, decay)
+        try:
+            ema_update_(avgs, xs, copies, sources, decay)
+        except ValueError:
+            self._named_error(model)  # a shape: say which tensor
+            raise
         self.num_updates += 1
         self.step = step
         self.current_decay = decay
