@@ -60,13 +60,31 @@ def ema_decay(step: int, decay: float, min_decay: float = 0.0, update_after_step
     return max(min(d, decay), min_decay)
 
 
-def _device_groups(avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> Dict[torch.device, Tuple[List[Tensor], List[Tensor]]]:
-    groups: Dict[torch.device, Tuple[List[Tensor], List[Tensor]]] = {}
+def group_pairs(avgs: Sequence[Tensor], xs: Sequence[Tensor],
+                key: Callable[[Tensor], Any] = lambda a: a.device) -> Dict[Any, Tuple[List[Tensor], List[Tensor]]]:
+    """{key(avg): ([avg], [x])} in order of first appearance (by default: per device)."""
+    groups: Dict[Any, Tuple[List[Tensor], List[Tensor]]] = {}
     for a, x in zip(avgs, xs):
-        ga, gx = groups.setdefault(a.device, ([], []))
+        ga, gx = groups.setdefault(key(a), ([], []))
         ga.append(a)
         gx.append(x)
     return groups
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device``; asynchronous only where that is safe to read at once (to a GPU:
+    stream-ordered). A device-to-CPU copy made with non_blocking lands in memory the host may
+    read before the copy is done, so that one blocks."""
+    if x.device == device:
+        return x
+    return x.to(device, non_blocking=device.type != "cpu")
+
+
+def copy_tensors_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
+    """dsts[i] <- srcs[i] (each moved to its destination's device): one foreach copy per device."""
+    srcs = [to_device(s, d.device) for d, s in zip(dsts, srcs)]
+    for gd, gs in group_pairs(dsts, srcs).values():
+        torch._foreach_copy_(gd, gs)
 
 
 def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[Tensor], copy_from: Sequence[Tensor],
@@ -79,15 +97,13 @@ def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[T
         ops.validate(op, avgs, xs, scalar)
         groups = [(avgs, xs)] if len(avgs) else []
     except (ValueError, TypeError):
-        xs = [x if x.device == a.device else x.to(a.device, non_blocking=True) for a, x in zip(avgs, xs)]
-        groups = list(_device_groups(avgs, xs).values())
+        xs = [to_device(x, a.device) for a, x in zip(avgs, xs)]
+        groups = list(group_pairs(avgs, xs).values())
         for ga, gx in groups:
             ops.validate(op, ga, gx, scalar)  # raises what is wrong (shape, dtype), naming the index
-    copy_from = [x if x.device == c.device else x.to(c.device, non_blocking=True) for c, x in zip(copies, copy_from)]
     for ga, gx in groups:
         getattr(ops, op)(ga, gx, scalar)
-    for gc, gx in _device_groups(copies, copy_from).values():
-        torch._foreach_copy_(gc, gx)
+    copy_tensors_(copies, copy_from)
 
 
 class ModelEMA(nn.Module):
@@ -252,16 +268,13 @@ class ModelEMA(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Writes the averages (and the copied buffers) into ``model``'s tensors."""
         dsts, srcs = self._targets(model)
-        for gd, gs in _device_groups(dsts, [s.to(d.device, non_blocking=True) for d, s in zip(dsts, srcs)]).values():
-            torch._foreach_copy_(gd, gs)
+        copy_tensors_(dsts, srcs)
 
     @torch.no_grad()
     def copy_from(self, model: nn.Module) -> None:
         """Sets the averages to ``model``'s current weights (the counters are kept)."""
         srcs, dsts = self._targets(model)
-        srcs = [s.to(d.device, non_blocking=True) for d, s in zip(dsts, srcs)]
-        for gd, gs in _device_groups(dsts, srcs).values():
-            torch._foreach_copy_(gd, gs)
+        copy_tensors_(dsts, srcs)
 
     @torch.no_grad()
     def store(self, model: nn.Module) -> None:
@@ -275,8 +288,7 @@ class ModelEMA(nn.Module):
         if self._stored is None:
             raise RuntimeError("restore: nothing stored (call store(model) first)")
         dsts, _ = self._targets(model)
-        for gd, gs in _device_groups(dsts, self._stored).values():
-            torch._foreach_copy_(gd, gs)
+        copy_tensors_(dsts, self._stored)
         self._stored = None
 
     @contextlib.contextmanager

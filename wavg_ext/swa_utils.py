@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.optim import swa_utils as _torch_swa
 
 from . import ops
+from .model_ema import group_pairs
 
 __all__ = ["AveragedModel", "get_ema_multi_avg_fn", "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn"]
 
@@ -243,8 +244,8 @@ class AveragedModel(_torch_swa.AveragedModel):
         self._pinned = []
 
     # -- update ---------------------------------------------------------------------------
-    def _pairs(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor], List[str]]:
-        """(averaged tensors, the model's, names), checked to correspond before anything is written."""
+    def _pairs(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor]]:
+        """(averaged tensors, the model's), checked to correspond before anything is written."""
         mine = _named(self.module, self.use_buffers)
         theirs = _named(model, self.use_buffers)
         what = "parameters and buffers" if self.use_buffers else "parameters"
@@ -255,7 +256,7 @@ class AveragedModel(_torch_swa.AveragedModel):
             if a.shape != x.shape:
                 raise ValueError(f"update_parameters: the model's {their_name} has shape {tuple(x.shape)}, its "
                                  f"average {tuple(a.shape)}")
-        return [a.detach() for _, a in mine], [x.detach() for _, x in theirs], [n for n, _ in mine]
+        return [a.detach() for _, a in mine], [x.detach() for _, x in theirs]
 
     def _on_devices(self, avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> List[Tensor]:
         """xs, each on its average's device. GPU to CPU goes through pinned buffers (reused
@@ -283,18 +284,12 @@ class AveragedModel(_torch_swa.AveragedModel):
     @staticmethod
     def _groups(avgs: Sequence[Tensor], xs: Sequence[Tensor], by_dtype: bool):
         """{(device, dtype or fused/other): ([avg], [x])}, in order of first appearance."""
-        groups: dict = {}
-        for a, x in zip(avgs, xs):
-            key = (a.device, a.dtype if by_dtype else a.dtype in _FUSED_DTYPES)
-            ga, gx = groups.setdefault(key, ([], []))
-            ga.append(a)
-            gx.append(x)
-        return groups
+        return group_pairs(avgs, xs, lambda a: (a.device, a.dtype if by_dtype else a.dtype in _FUSED_DTYPES))
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """Adds the model's current weights to the average (the first call copies them)."""
-        avgs, xs, _ = self._pairs(model)
+        avgs, xs = self._pairs(model)
         if not self.use_buffers:
             buffers = [b.detach() for b in self.module.buffers()]
             model_buffers = [b.detach() for b in model.buffers()]

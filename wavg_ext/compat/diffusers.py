@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
-from ..model_ema import _check_unit, _device_groups, ema_decay, ema_update_
+from ..model_ema import _check_unit, copy_tensors_, ema_decay, ema_update_
 
 __all__ = ["EMAModel"]
 
@@ -100,10 +100,7 @@ class EMAModel:
     def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         parameters = list(parameters)
         self._check(parameters, "copy_to")
-        dsts = [p.data for p in parameters]
-        srcs = [s.to(d.device) for s, d in zip(self.shadow_params, dsts)]
-        for gd, gs in _device_groups(dsts, srcs).values():
-            torch._foreach_copy_(gd, gs)
+        copy_tensors_([p.data for p in parameters], self.shadow_params)
 
     def pin_memory(self) -> None:
         self.shadow_params = [p.pin_memory() for p in self.shadow_params]

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..model_ema import ModelEMA, _check_unit
+from ..model_ema import ModelEMA, _check_unit, copy_tensors_
 from ..swa_utils import AveragedModel
 
 try:
@@ -69,9 +69,6 @@ class WeightAveragingCallback(TrainerCallback):
             return False
         return self.average.num_updates > 0 if self.method == "ema" else self.average._host_count() > 0
 
-    def _averages_of(self) -> torch.nn.Module:
-        return self.average.module
-
     # -- training -----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -101,18 +98,15 @@ class WeightAveragingCallback(TrainerCallback):
     def _swap_in(self, model: torch.nn.Module) -> None:
         if self._swapped_model is not None or not self._has_average():
             return
-        avg = self._averages_of()
         self._stash = [t.detach().clone() for t in _tensors(model)]
-        for dst, src in zip(_tensors(model), _tensors(avg)):
-            dst.copy_(src)
+        copy_tensors_(_tensors(model), _tensors(self.average.module))
         self._swapped_model = model
 
     @torch.no_grad()
     def _swap_out(self) -> None:
         if self._swapped_model is None:
             return
-        for dst, src in zip(_tensors(self._swapped_model), self._stash):
-            dst.copy_(src)
+        copy_tensors_(_tensors(self._swapped_model), self._stash)
         self._swapped_model, self._stash = None, None
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -139,4 +133,4 @@ class WeightAveragingCallback(TrainerCallback):
 
 
 def _tensors(module: torch.nn.Module):
-    return [t for t in list(module.parameters()) + list(module.buffers())]
+    return [t.detach() for t in list(module.parameters()) + list(module.buffers())]
