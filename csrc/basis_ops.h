@@ -1,11 +1,12 @@
-// The ops with their own signatures (the basis ops of TWA, and nonfinite_flag), each
+// The ops with their own signatures (the basis ops of TWA, nonfinite_flag and
+// ema_stochastic_), each
 // one traits struct: the rest of the registry (schema, Meta/Autograd/fallback
 // registrations, the kernels of every backend, the Python entries and checks, and
 // _C.op_specs()) is generated from these by op_entries.h / registry.cpp.
 //
 // A traits struct provides
 //   kName, kSchema                 the op's name and its full schema
-//   kKind                          "basis" (TWA's basis ops) or "reduction"
+//   kKind                          "basis" (TWA's basis ops), "reduction" or "stochastic"
 //   Signature                      R(Args...), the C++ signature the schema maps to
 //   kLists                         the names of its TensorList arguments, in order
 //   kWritten                       which of those lists the op modifies (bitmask)
@@ -124,6 +125,29 @@ struct NonfiniteFlagOp {
   }
 };
 
+// avg <- avg + weight * (x - avg) in float32, rounded to the bfloat16 average
+// stochastically (stochastic_rounding.h): the random bits depend on seed, the pair's
+// position and the element's only, so a call is reproducible; pass a new seed per update.
+struct EmaStochasticOp {
+  static constexpr const char* kKind = "stochastic";
+  static constexpr const char* kName = "ema_stochastic_";
+  static constexpr const char* kSchema =
+      "ema_stochastic_(Tensor(a!)[] avgs, Tensor[] xs, float weight, int seed) -> ()";
+  using Signature = void(at::TensorList, at::TensorList, double, int64_t);
+  static constexpr const char* kLists[] = {"avgs", "xs"};
+  static constexpr unsigned kWritten = 1u << 0;
+  static constexpr int kDeviceList = 0;
+  static void check(at::TensorList avgs, at::TensorList xs, double weight, int64_t) {
+    prepare_ema_stochastic(avgs, xs, weight, /*plan_layout=*/false);
+  }
+  template <typename Kernels>
+  static void run(at::TensorList avgs, at::TensorList xs, double weight, int64_t seed) {
+    PairPlan plan = prepare_ema_stochastic(avgs, xs, weight);
+    Kernels::ema_stochastic(plan, seed);
+    plan.finish();
+  }
+};
+
 // Every such op: BasisOps::for_each(f) calls f(static_cast<Op*>(nullptr)) for each, in order.
 template <typename... Ops>
 struct OpList {
@@ -132,6 +156,7 @@ struct OpList {
     (f(static_cast<Ops*>(nullptr)), ...);
   }
 };
-using BasisOps = OpList<DotsOp, CombineOp, ProjectOp, OrthonormalizeOp, NonfiniteFlagOp>;
+using BasisOps =
+    OpList<DotsOp, CombineOp, ProjectOp, OrthonormalizeOp, NonfiniteFlagOp, EmaStochasticOp>;
 
 }  // namespace wavg_ext

@@ -103,7 +103,8 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
     if (!plan) continue;
     if (out_dense && in_dense && same_layout(out, in)) {
       plan->pairs.push_back(
-          {out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type(), aux_data});
+          {out_data, in_data, out.numel(), out.scalar_type(), in.scalar_type(), aux_data,
+           static_cast<int64_t>(i)});
     } else {
       slow.push_back(i);
     }
@@ -173,7 +174,7 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
     // (with aux, outs are dense: check_comps requires it, so out_work is out)
     plan.pairs.push_back({out_work.data_ptr(), in_work.const_data_ptr(), out.numel(),
                           out.scalar_type(), in.scalar_type(),
-                          aux.empty() ? nullptr : aux[i].data_ptr()});
+                          aux.empty() ? nullptr : aux[i].data_ptr(), static_cast<int64_t>(i)});
   }
 }
 
@@ -258,6 +259,21 @@ PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::Tensor
 PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
                              at::TensorList xs, const at::Tensor& scalar, bool layout) {
   return prepare_compensated_impl(spec, avgs, comps, xs, scalar, layout);
+}
+
+PairPlan prepare_ema_stochastic(at::TensorList avgs, at::TensorList xs, double weight,
+                                bool plan_layout) {
+  const OpSpec& spec = spec::ema_stochastic;
+  // Its own dtype rule first, so that a wrong dtype is named as such.
+  for (size_t i = 0; i < std::min(avgs.size(), xs.size()); ++i) {
+    if (!avgs[i].defined() || !xs[i].defined()) continue;  // (prepare_pairs names these)
+    const ScalarType a = avgs[i].scalar_type(), x = xs[i].scalar_type();
+    TORCH_CHECK_TYPE(a == ScalarType::BFloat16, spec.name, ": avgs[", i, "] is ", a,
+                     "; stochastic rounding makes bfloat16 averages (use ema_ for other dtypes)");
+    TORCH_CHECK_TYPE(x == ScalarType::BFloat16 || x == ScalarType::Float, spec.name, ": xs[", i,
+                     "] is ", x, "; the weights of a bfloat16 average must be bfloat16 or float32");
+  }
+  return prepare_pairs(spec, avgs, xs, weight, plan_layout);
 }
 
 std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs) {

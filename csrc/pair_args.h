@@ -87,6 +87,7 @@ struct PairView {
   c10::ScalarType out_dtype;
   c10::ScalarType in_dtype;
   void* aux = nullptr;  // compensated ops: the compensation, laid out like out
+  int64_t index = 0;    // the pair's position in the caller's lists (plans reorder pairs)
 };
 
 // The work of one call: the non-empty pairs, each dense with the same memory
@@ -113,6 +114,15 @@ PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::Tensor
                              at::TensorList xs, double scalar, bool plan_layout = true);
 PairPlan prepare_compensated(const OpSpec& spec, at::TensorList avgs, at::TensorList comps,
                              at::TensorList xs, const at::Tensor& scalar, bool plan_layout = true);
+
+// ema_stochastic_ (basis_ops.h: an op with its own signature, not a registry pair op):
+// ema_'s lists and weight, with bfloat16 averages of float32 or bfloat16 weights.
+namespace spec {
+inline constexpr OpSpec ema_stochastic{"ema_stochastic_", "avgs", "xs", "weight", "",
+                                       PairRule::kCast, ScalarRule::kFinite, true, false};
+}
+PairPlan prepare_ema_stochastic(at::TensorList avgs, at::TensorList xs, double weight,
+                                bool plan_layout = true);
 
 // nonfinite_flag's input: tensors of supported dtypes on one device. Returns the
 // (tensor, contiguous copy or itself) list to scan.

@@ -3,6 +3,7 @@
 // (cpu/register_cpu.cpp, cuda/register_cuda.cpp). Kernels provides
 //   <id> for every op of op_registry.h   void(PairPlan&) runners (after validation)
 //   nonfinite_flag                       at::Tensor(at::TensorList)
+//   ema_stochastic                       void(PairPlan&, int64_t seed) (after validation)
 //   Rows                                 the row backend of basis_composite.h
 #pragma once
 

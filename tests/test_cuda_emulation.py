@@ -130,7 +130,7 @@ def test_ops_inside_the_context_launch_emulated_kernels_and_outside_do_not():
 
 @pytest.mark.parametrize("call", ["running_mean_", "ema_", "accumulate_", "scale_copy_",
                                   "running_mean_compensated_", "ema_compensated_", "nonfinite_flag",
-                                  "dots", "combine_", "project_", "orthonormalize_",
+                                  "ema_stochastic_", "dots", "combine_", "project_", "orthonormalize_",
                                   "orthonormalize_many_"])
 def test_every_op_runs_on_the_emulator(call):
     xs = [torch.randn(5, 7), torch.randn(300)]
@@ -148,6 +148,7 @@ def test_every_op_runs_on_the_emulator(call):
         "running_mean_compensated_": lambda: ops.running_mean_compensated_(avgs, comps, xs, 2),
         "ema_compensated_": lambda: ops.ema_compensated_(avgs, comps, xs, 0.1),
         "nonfinite_flag": lambda: ops.nonfinite_flag(xs),
+        "ema_stochastic_": lambda: ops.ema_stochastic_([x.bfloat16() for x in xs], xs, 0.1, 3),
         "dots": lambda: ops.dots(basis, xs, 3),
         "combine_": lambda: ops.combine_(avgs, basis, torch.ones(3), 1.0, 0.0),
         "project_": lambda: ops.project_(avgs, basis, 3),

@@ -16,8 +16,9 @@ diffusers without warmup ramps ``(1 + s) / (10 + s)``, which ``compat.diffusers`
 Floating-point parameters and buffers are averaged (``exclude_buffers=True`` copies the
 buffers instead, as do names matching ``exclude``); integer ones (BatchNorm's
 ``num_batches_tracked``) are copied. ``average_dtype=torch.float32`` keeps float32
-averages of a bfloat16/float16 model. No host-device synchronization per update; bad input
-raises before anything is written.
+averages of a bfloat16/float16 model; ``stochastic_rounding=True`` keeps bfloat16 averages
+that still move when each update is below half an ulp. No host-device synchronization per
+update; bad input raises before anything is written.
 """
 
 from __future__ import annotations
@@ -87,22 +88,46 @@ def copy_tensors_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
         torch._foreach_copy_(gd, gs)
 
 
-def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[Tensor], copy_from: Sequence[Tensor],
-                decay: float) -> None:
-    """avgs <- decay * avgs + (1 - decay) * xs (a copy when decay is 0), copies <- copy_from:
-    one fused op per device for the averages, checked for every device before any write.
+def _calls(op: str, avgs: Sequence[Tensor], xs: Sequence[Tensor], *args) -> List[Tuple[str, list, list, tuple]]:
+    """The calls of ``op`` over (avgs, xs), one per device, all checked before the first runs.
     xs on another device than their average are moved to it first."""
-    op, scalar = ("scale_copy_", 1.0) if decay == 0.0 else ("ema_", 1.0 - decay)
     try:  # the common case, everything on one device: one check, one call
-        ops.validate(op, avgs, xs, scalar)
-        groups = [(avgs, xs)] if len(avgs) else []
+        ops.validate(op, avgs, xs, *args)
+        return [(op, avgs, xs, args)] if len(avgs) else []
     except (ValueError, TypeError):
         xs = [to_device(x, a.device) for a, x in zip(avgs, xs)]
         groups = list(group_pairs(avgs, xs).values())
         for ga, gx in groups:
-            ops.validate(op, ga, gx, scalar)  # raises what is wrong (shape, dtype), naming the index
-    for ga, gx in groups:
-        getattr(ops, op)(ga, gx, scalar)
+            ops.validate(op, ga, gx, *args)  # raises what is wrong (shape, dtype), naming the index
+        return [(op, ga, gx, args) for ga, gx in groups]
+
+
+def update_seed(seed: int, update: int) -> int:
+    """The ema_stochastic_ seed of update number ``update`` (from 0) of a run seeded ``seed``:
+    distinct per update (the kernels hash it), an int64."""
+    v = (seed + update * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[Tensor], copy_from: Sequence[Tensor],
+                decay: float, seed: Optional[int] = None) -> None:
+    """avgs <- decay * avgs + (1 - decay) * xs (a copy when decay is 0), copies <- copy_from:
+    one fused op per device for the averages, checked for every device before any write.
+    xs on another device than their average are moved to it first. With ``seed``, the
+    bfloat16 averages are rounded stochastically (ops.ema_stochastic_ with that seed)."""
+    if decay == 0.0:
+        calls = _calls("scale_copy_", avgs, xs, 1.0)
+    elif seed is None:
+        calls = _calls("ema_", avgs, xs, 1.0 - decay)
+    else:
+        bf16 = [a.dtype == torch.bfloat16 for a in avgs]
+        # (the pairs' positions in the stochastic call are their order among the bfloat16 ones)
+        calls = (_calls("ema_stochastic_", [a for a, b in zip(avgs, bf16) if b], [x for x, b in zip(xs, bf16) if b],
+                        1.0 - decay, seed)
+                 + _calls("ema_", [a for a, b in zip(avgs, bf16) if not b], [x for x, b in zip(xs, bf16) if not b],
+                          1.0 - decay))
+    for op, ga, gx, args in calls:
+        getattr(ops, op)(ga, gx, *args)
     copy_tensors_(copies, copy_from)
 
 
@@ -119,6 +144,12 @@ class ModelEMA(nn.Module):
         average_dtype: dtype of the floating-point averages (e.g. ``torch.float32`` for a
             bfloat16 model); default: the model's.
         device: where the copy lives (e.g. ``"cpu"``); default: the model's device.
+        stochastic_rounding: round the bfloat16 averages stochastically (``ops.ema_stochastic_``):
+            unbiased, so a bfloat16 average keeps moving where a decay close to 1 makes each
+            step smaller than half a bfloat16 ulp and round-to-nearest freezes it; at the
+            memory of a bfloat16 average, where ``average_dtype=torch.float32`` doubles it.
+        seed: the random bits of update ``n`` are a hash of (seed, n, the tensor, the element):
+            a run is reproducible, and resuming from ``state_dict()`` continues it bit for bit.
 
     ``update(model, step=None)`` after each optimizer step; ``current_decay`` is the decay it
     used, ``num_updates`` how many it made. ``module`` (or calling this object) evaluates the
@@ -130,7 +161,8 @@ class ModelEMA(nn.Module):
     def __init__(self, model: nn.Module, decay: Decay = 0.9999, *, min_decay: float = 0.0,
                  update_after_step: int = 0, warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3,
                  exclude_buffers: bool = False, exclude: Sequence[str] = (),
-                 average_dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None):
+                 average_dtype: Optional[torch.dtype] = None, device: Optional[Union[str, torch.device]] = None,
+                 stochastic_rounding: bool = False, seed: int = 0):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -146,6 +178,8 @@ class ModelEMA(nn.Module):
             exclude = (exclude,)
         if average_dtype is not None and average_dtype not in _FLOATS:
             raise TypeError(f"average_dtype must be a floating-point dtype, got {average_dtype}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+            raise TypeError(f"seed must be an int64, got {seed!r}")
         self.decay = decay
         self.update_after_step = update_after_step
         self.warmup = bool(warmup)
@@ -169,6 +203,14 @@ class ModelEMA(nn.Module):
         unmatched = [p for p in self.exclude if not any(fnmatch.fnmatchcase(n, p) for n, _ in self._entries(self.module))]
         if unmatched:
             raise ValueError(f"exclude: {unmatched} match no parameter or buffer name of the model")
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.seed = seed
+        if self.stochastic_rounding:
+            dtypes = {t.dtype for _, t in self._entries(self.module) if t.is_floating_point()}
+            if torch.bfloat16 not in dtypes:
+                raise ValueError("stochastic_rounding rounds bfloat16 averages, and this ModelEMA has none (its "
+                                 f"floating-point averages are {sorted(map(str, dtypes))}): pass a bfloat16 model "
+                                 "or average_dtype=torch.bfloat16")
 
     # -- the schedule -----------------------------------------------------------------------
     def decay_at(self, step: int) -> float:
@@ -245,8 +287,9 @@ class ModelEMA(nn.Module):
 
     def _apply(self, model: nn.Module, decay: float, step: int) -> None:
         avgs, xs, copies, sources = self._pairs(model)
+        seed = update_seed(self.seed, self.num_updates) if self.stochastic_rounding else None
         try:
-            ema_update_(avgs, xs, copies, sources, decay)
+            ema_update_(avgs, xs, copies, sources, decay, seed)
         except ValueError:
             self._named_error(model)  # a shape: say which tensor
             raise
@@ -372,7 +415,8 @@ class ModelEMA(nn.Module):
     def get_extra_state(self) -> dict:
         state = dict(num_updates=self.num_updates, step=self.step, current_decay=self.current_decay,
                      min_decay=self.min_decay, update_after_step=self.update_after_step, warmup=self.warmup,
-                     inv_gamma=self.inv_gamma, power=self.power)
+                     inv_gamma=self.inv_gamma, power=self.power, stochastic_rounding=self.stochastic_rounding,
+                     seed=self.seed)
         if not callable(self.decay):
             state["decay"] = self.decay
         return state
@@ -381,5 +425,8 @@ class ModelEMA(nn.Module):
         for key in ("num_updates", "step", "current_decay", "min_decay", "update_after_step", "warmup", "inv_gamma",
                     "power"):
             setattr(self, key, state[key])
+        # (checkpoints written before stochastic rounding existed have neither)
+        self.stochastic_rounding = bool(state.get("stochastic_rounding", False))
+        self.seed = int(state.get("seed", 0))
         if "decay" in state and not callable(self.decay):  # a callable decay is kept
             self.decay = state["decay"]

@@ -9,6 +9,7 @@ const KernelTable& kernel_table() {
       WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_KERNEL_ENTRY)
 #undef WAVG_EXT_KERNEL_ENTRY
       &nonfinite_flag_cpu,
+      &ema_stochastic_cpu,
       &rows_dot,
       &rows_mix_,
   };

@@ -35,6 +35,9 @@ struct CpuKernels {
   static at::Tensor nonfinite_flag(at::TensorList xs) {
     return WAVG_EXT_CPU_OR_EMULATED(kernels().nonfinite_flag, cuda::nonfinite_flag_entry, xs);
   }
+  static void ema_stochastic(PairPlan& p, int64_t seed) {
+    WAVG_EXT_CPU_OR_EMULATED(kernels().ema_stochastic, cuda::ema_stochastic_cuda, p, seed);
+  }
   struct Rows {
     static at::Tensor dot(const RowPlan& plan, bool symmetric) {
       return WAVG_EXT_CPU_OR_EMULATED(CpuRows::dot, cuda::CudaRows::dot, plan, symmetric);

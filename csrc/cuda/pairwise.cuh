@@ -75,6 +75,46 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
+// out[i] = apply(out[i], in[i], i) for i < n by one block: 16-byte packs of kVec
+// elements, kILP in flight per thread, when both bases are 16-byte aligned, element by
+// element otherwise and for the tail. Without kReadsOut, out is not read (apply gets 0).
+template <bool kReadsOut, int kVec, int kILP, typename out_t, typename in_t, typename Apply>
+__device__ __forceinline__ void apply_elements(out_t* __restrict__ out, const in_t* __restrict__ in, int64_t n,
+                                               const Apply& apply) {
+  int64_t done = 0;
+  if (aligned16(out) && aligned16(in)) {
+    const int64_t nvec = n / kVec;
+    for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += static_cast<int64_t>(blockDim.x) * kILP) {
+      Pack<out_t, kVec> a[kILP];
+      Pack<in_t, kVec> x[kILP];
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        const int64_t v = v0 + j * static_cast<int64_t>(blockDim.x);
+        if (v < nvec) {
+          load_pack(x[j], in + v * kVec);
+          if (kReadsOut) load_pack(a[j], out + v * kVec);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        const int64_t v = v0 + j * static_cast<int64_t>(blockDim.x);
+        if (v < nvec) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            a[j].v[e] = apply(kReadsOut ? a[j].v[e] : out_t(0), x[j].v[e], v * kVec + e);
+          }
+          store_pack(out + v * kVec, a[j]);
+        }
+      }
+    }
+    done = nvec * kVec;
+  }
+  // Tail of an aligned chunk, or the whole of a misaligned one (e.g. x[1:]).
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    store_global(out + i, apply(kReadsOut ? load_global(out + i) : out_t(0), load_global(in + i), i));
+  }
+}
+
 template <typename out_t, typename in_t, typename Op>
 struct PairFunctor {
   using opmath_t = pair_opmath_t<out_t, in_t>;
@@ -84,47 +124,14 @@ struct PairFunctor {
 
   __device__ __forceinline__ void operator()(void* ptrs[2], const Chunk& chunk,
                                              ScalarSource scalar) const {
-    const int64_t n = chunk.n;
-    out_t* __restrict__ out = static_cast<out_t*>(ptrs[0]) + chunk.start;
-    const in_t* __restrict__ in = static_cast<const in_t*>(ptrs[1]) + chunk.start;
+    out_t* out = static_cast<out_t*>(ptrs[0]) + chunk.start;
+    const in_t* in = static_cast<const in_t*>(ptrs[1]) + chunk.start;
     const double s = load_scalar(scalar);
     if (s != s) return;  // a NaN device scalar gates the update off (ScalarArg)
     const auto fn = Op::template bind<opmath_t>(s);
-    auto apply = [&](out_t a, in_t x) {
-      const opmath_t av = Op::kReadsOut ? static_cast<opmath_t>(a) : opmath_t(0);
-      return static_cast<out_t>(fn(av, static_cast<opmath_t>(x)));
-    };
-
-    int64_t done = 0;
-    if (aligned16(out) && aligned16(in)) {
-      const int64_t nvec = n / kVec;
-      for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += static_cast<int64_t>(blockDim.x) * kILP) {
-        Pack<out_t, kVec> a[kILP];
-        Pack<in_t, kVec> x[kILP];
-#pragma unroll
-        for (int j = 0; j < kILP; ++j) {
-          const int64_t v = v0 + j * static_cast<int64_t>(blockDim.x);
-          if (v < nvec) {
-            load_pack(x[j], in + v * kVec);
-            if (Op::kReadsOut) load_pack(a[j], out + v * kVec);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kILP; ++j) {
-          const int64_t v = v0 + j * static_cast<int64_t>(blockDim.x);
-          if (v < nvec) {
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) a[j].v[e] = apply(a[j].v[e], x[j].v[e]);
-            store_pack(out + v * kVec, a[j]);
-          }
-        }
-      }
-      done = nvec * kVec;
-    }
-    // Tail of an aligned chunk, or the whole of a misaligned one (e.g. x[1:]).
-    for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
-      store_global(out + i, apply(Op::kReadsOut ? load_global(out + i) : out_t(0), load_global(in + i)));
-    }
+    apply_elements<Op::kReadsOut, kVec, kILP>(out, in, chunk.n, [&](out_t a, in_t x, int64_t) {
+      return static_cast<out_t>(fn(static_cast<opmath_t>(a), static_cast<opmath_t>(x)));
+    });
   }
 };
 

@@ -19,6 +19,7 @@ struct CudaKernels {
   WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_CUDA_RUNNER)
 #undef WAVG_EXT_CUDA_RUNNER
   static constexpr auto nonfinite_flag = &nonfinite_flag_entry;
+  static constexpr auto ema_stochastic = &ema_stochastic_cuda;
   using Rows = CudaRows;
 };
 

@@ -11,6 +11,9 @@ medians), next to the in-place triad on flat buffers of the plain op's bytes:
 - ``ema_f64_avg``: the EMA update into float64 averages (the other way not to stagnate);
 - ``ema_compensated_``: the update of a compensated float32 average (one more buffer
   read and written: its floor is 5/3 of the plain op's);
+- ``ema_stochastic_bf16_avg``: bfloat16 averages of the float32 weights, rounded
+  stochastically (the third way: half the averages' memory; its floor is 2/3 of the plain
+  op's bytes: read a 2-byte average and a 4-byte weight, write the average);
 - ``nonfinite_flag``: ``skip_nonfinite``'s fused NaN/inf check (reads the weights once:
   1/3 of the plain op's bytes);
 - ``gated_ema_``: ``skip_nonfinite``'s whole update: the check, the device-side gate and
@@ -43,7 +46,8 @@ from . import common
 
 WEIGHT = 1e-3
 # Bytes moved per element relative to the plain update (read avg and x, write avg).
-STREAMS = {"ema_": 3, "follow_check": 0, "ema_f64_avg": 2 * 2 + 1, "ema_compensated_": 5, "nonfinite_flag": 1,
+STREAMS = {"ema_": 3, "follow_check": 0, "ema_f64_avg": 2 * 2 + 1, "ema_compensated_": 5,
+           "ema_stochastic_bf16_avg": 2, "nonfinite_flag": 1,
            "gated_ema_": 4, "sgd": 0, "wrapper_step": 0, "wrapper_step_unchecked": 0}
 
 
@@ -69,6 +73,8 @@ def methods(params: List[torch.Tensor]) -> Dict[str, Tuple[Callable[[], object],
     comp_avgs = [torch.zeros_like(x) for x in xs]
     comps = [torch.zeros_like(x) for x in xs]
     gated = [torch.zeros_like(x) for x in xs]
+    avgs16 = [torch.zeros_like(x, dtype=torch.bfloat16) for x in xs]
+    seed = [0]
     wrapper = EMA(torch.optim.SGD(params, lr=0.0), decay=1.0 - WEIGHT)
     nan = float("nan")
     # Whole steps: a tiny LR keeps the weights (and the work) the same over the rounds.
@@ -84,6 +90,10 @@ def methods(params: List[torch.Tensor]) -> Dict[str, Tuple[Callable[[], object],
         f = ops.nonfinite_flag(xs)
         ops.ema_(gated, xs, torch.where(f != 0, nan, WEIGHT).to(torch.float64))
 
+    def stochastic() -> None:
+        seed[0] += 1  # a new seed per update, as ModelEMA passes
+        ops.ema_stochastic_(avgs16, xs, WEIGHT, seed[0])
+
     def check() -> None:
         flag[:] = [ops.nonfinite_flag(xs)]
 
@@ -93,6 +103,7 @@ def methods(params: List[torch.Tensor]) -> Dict[str, Tuple[Callable[[], object],
         "ema_f64_avg": (lambda: ops.ema_(avgs64, xs, WEIGHT), lambda: avgs64),
         "ema_compensated_": (lambda: ops.ema_compensated_(comp_avgs, comps, xs, WEIGHT),
                              lambda: [a.double() + c.double() for a, c in zip(comp_avgs, comps)]),
+        "ema_stochastic_bf16_avg": (stochastic, lambda: avgs16),
         "nonfinite_flag": (check, lambda: flag[0]),
         "gated_ema_": (gated_ema, lambda: gated),
         "sgd": (base.step, lambda: [base.state[p]["momentum_buffer"] for p in params]),

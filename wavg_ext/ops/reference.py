@@ -19,7 +19,7 @@ import torch
 Scalar = Union[float, int, torch.Tensor]
 
 __all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
-           "ema_compensated_", "nonfinite_flag", "dots", "combine_", "project_", "orthonormalize_"]
+           "ema_compensated_", "nonfinite_flag", "ema_stochastic_", "dots", "combine_", "project_", "orthonormalize_"]
 
 
 def _opmath(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
@@ -155,6 +155,79 @@ def nonfinite_flag(xs: Sequence[torch.Tensor]) -> torch.Tensor:
         if x.numel():
             flag |= (~torch.isfinite(x)).any().to(torch.int32)
     return flag
+
+
+# --------------------------------------------------------------------------- stochastic rounding
+# csrc/stochastic_rounding.h, re-implemented with Python integers (the keys) and int64
+# tensors (the per-element hash; products split so that none overflows int64).
+
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a 32-bit constant c."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """Each element's position in the order the kernels walk t: its memory order when t is
+    dense (non-overlapping, no gaps), else its logical (row-major) order."""
+    n = t.numel()
+    order = torch.arange(n, dtype=torch.int64, device=t.device)
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return order.reshape(t.shape)
+        expected *= sz
+    return order.as_strided(t.shape, t.stride())
+
+
+def _stochastic_bfloat16(v: torch.Tensor, element: torch.Tensor, pair_key: int) -> torch.Tensor:
+    """float32 v rounded to bfloat16 with the random bits of elements `element` (int64)."""
+    low, block = element & _M32, element >> 32
+    key = torch.zeros_like(element)
+    for b in torch.unique(block).tolist():
+        key[block == b] = _splitmix64((pair_key + b) & _M64) >> 32
+    noise = _lowbias32(low ^ key) >> 16
+    bits = v.view(torch.int32).to(torch.int64) & _M32
+    top = ((bits + noise) >> 16) & 0xFFFF
+    rounded = (top - (top >= 0x8000).to(torch.int64) * 0x10000).to(torch.int16).view(torch.bfloat16)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, rounded, v.to(torch.bfloat16))
+
+
+@torch.no_grad()
+def ema_stochastic_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float, seed: int) -> None:
+    """ema_ for bfloat16 averages with stochastic rounding: avg <- avg + weight * (x - avg)
+    in float32 (ema_'s arithmetic), then rounded to bfloat16 up or down with probability
+    given by the distance to each neighbour, so the average is exact in expectation and
+    keeps moving where round-to-nearest would freeze it (changes below half an ulp). xs
+    are bfloat16 or float32. The random bits are a hash of (seed, the pair's position in
+    the lists, the element's position in the average's memory): a call is reproducible,
+    the same on every backend and thread count; pass a new seed for every update."""
+    seed_key = _splitmix64(int(seed) & _M64)
+    for i, (avg, x) in enumerate(zip(avgs, xs)):
+        if avg.numel() == 0:
+            continue
+        v = torch.lerp(avg.to(torch.float32), x.to(torch.float32), float(weight))
+        avg.copy_(_stochastic_bfloat16(v, _memory_order(avg), _splitmix64(seed_key ^ i)))
 
 
 # --------------------------------------------------------------------------- basis ops
