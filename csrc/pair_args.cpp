@@ -203,6 +203,16 @@ PairPlan prepare_impl(const OpSpec& spec, at::TensorList outs, at::TensorList in
 
 }  // namespace
 
+ScalarArg make_scalar(const OpSpec& spec, double scalar) {
+  PairPlan plan;
+  set_scalar(spec, scalar, {}, plan);
+  return plan.scalar;
+}
+
+ScalarArg make_scalar(const OpSpec& spec, const at::Tensor& scalar, at::TensorList outs) {
+  return scalar_from_tensor(spec, scalar, outs);
+}
+
 PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins, double scalar,
                        bool layout) {
   return prepare_impl(spec, outs, ins, scalar, layout, {});

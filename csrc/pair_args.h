@@ -90,6 +90,12 @@ struct PairView {
   int64_t index = 0;    // the pair's position in the caller's lists (plans reorder pairs)
 };
 
+// A slice [begin, end) of the elements of array `index` (a pair, a tensor's rows): the
+// CPU kernels' unit of work (cpu/pairwise_cpu.h).
+struct WorkItem {
+  int64_t index, begin, end;
+};
+
 // The work of one call: the non-empty pairs, each dense with the same memory
 // layout on both sides. Pairs passed in other layouts run on temporaries that
 // finish() copies back into the user's tensors.
@@ -97,6 +103,10 @@ struct PairPlan : PlanTemporaries {
   std::vector<PairView> pairs;
   c10::Device device = c10::Device(c10::kCPU);
   ScalarArg scalar;
+  // The CPU kernels' cut of the pairs into work items, made by the first kernel that runs
+  // the plan and kept for the next (a plan reused across calls: call_plan.cpp).
+  mutable std::vector<WorkItem> work_items;
+  mutable std::vector<int64_t> work_starts;
 };
 
 // Validates everything (list lengths, devices, shapes, dtypes, overlap, the scalar)
@@ -106,6 +116,11 @@ PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList i
                        double scalar, bool plan_layout = true);
 PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
                        const at::Tensor& scalar, bool plan_layout = true);
+
+// The scalar of a call alone, checked as prepare_pairs checks it (for a plan reused
+// across calls: csrc/call_plan.cpp).
+ScalarArg make_scalar(const OpSpec& spec, double scalar);
+ScalarArg make_scalar(const OpSpec& spec, const at::Tensor& scalar, at::TensorList outs);
 
 // The compensated ops: prepare_pairs for (avgs, xs), and comps checked against avgs
 // (same dtype, shape, device and strides; both dense) and for overlap with

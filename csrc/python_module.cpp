@@ -28,6 +28,7 @@ extern "C" __attribute__((used, visibility("default"))) const char wavg_ext_buil
 namespace wavg_ext {
 
 void bind_param_tracking(pybind11::module& m);
+void bind_call_plan(pybind11::module& m);
 namespace cpu {
 void bind_basis_rows(pybind11::module& m);
 }
@@ -271,6 +272,7 @@ PYBIND11_MODULE(_C, m) {
   });
 
   wavg_ext::bind_param_tracking(m);
+  wavg_ext::bind_call_plan(m);
   wavg_ext::cpu::bind_basis_rows(m);
   m.def("parallel_threads_used", &wavg_ext::parallel_threads_used,
         "Distinct threads one at::parallel_for over get_num_threads() items ran on.");

@@ -70,6 +70,8 @@ def test_one_fused_op_call_per_sample(h, monkeypatch):
     for name in ("running_mean_", "scale_copy_", "ema_"):
         real = getattr(wavg_ext.ops, name)
         monkeypatch.setattr(wavg_ext.ops, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a)))
+    real_plan_call = wavg_ext.ops.Plan.__call__  # the wrappers' planned calls (ops.Plan)
+    monkeypatch.setattr(wavg_ext.ops.Plan, "__call__", lambda self, s: (calls.append(self.op), real_plan_call(self, s)))
     for _ in range(3):
         model(torch.randn(2, 4)).sum().backward()
         opt.step()

@@ -35,6 +35,10 @@ struct KernelTable {
 // The selected ISA's kernels.
 const KernelTable& kernels();
 
+// Runs the kernel of pair or compensated op `spec` on a validated plan: the selected
+// ISA's, or the emulated CUDA kernel while the emulation is on (register_cpu.cpp).
+void run_pair_kernel(const OpSpec& spec, PairPlan& plan);
+
 // The ISA names (capabilities.py) compiled into this build, lowest first; those the
 // running CPU supports; the selected one.
 std::vector<std::string> compiled_capabilities();

@@ -96,10 +96,6 @@ constexpr int64_t kItemElements = 32768;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kMinParallelElements = 65536;
 
-// A slice [begin, end) of the elements of array `index` (a pair, a tensor's rows).
-struct WorkItem {
-  int64_t index, begin, end;
-};
 
 // Cuts `count` arrays of numel(i) elements into items of at most `item_elements`,
 // in order; starts[k] = elements before item k, starts.back() = all elements. The cut
@@ -150,10 +146,12 @@ void for_items(const std::vector<int64_t>& starts, int64_t weight, int64_t min_t
 // bytes per thread (the elements [begin, end) of the pair).
 template <typename F>
 void for_pair_items(const PairPlan& plan, const F& f) {
-  std::vector<WorkItem> items;
-  std::vector<int64_t> starts;
-  cut_items(plan.pairs.size(), [&](size_t p) { return plan.pairs[p].numel; }, kItemElements, items,
-            starts);
+  if (plan.work_starts.empty()) {
+    cut_items(plan.pairs.size(), [&](size_t p) { return plan.pairs[p].numel; }, kItemElements,
+              plan.work_items, plan.work_starts);
+  }
+  const std::vector<WorkItem>& items = plan.work_items;
+  const std::vector<int64_t>& starts = plan.work_starts;
   for_items(starts, 1, kMinParallelElements, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       f(plan.pairs[items[k].index], items[k].begin, items[k].end);

@@ -52,4 +52,12 @@ struct CpuKernels {
 
 TORCH_LIBRARY_IMPL(wavg_ext, CPU, m) { register_kernels<CpuKernels>(m); }
 
+void run_pair_kernel(const OpSpec& spec, PairPlan& plan) {
+#define WAVG_EXT_RUN_IF(id, ...) \
+  if (&spec == &spec::id) return CpuKernels::id(plan);
+  WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_RUN_IF)
+#undef WAVG_EXT_RUN_IF
+  TORCH_CHECK(false, "run_pair_kernel: ", spec.name, " is not a pair op");
+}
+
 }  // namespace wavg_ext::cpu

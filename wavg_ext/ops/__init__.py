@@ -38,7 +38,7 @@ Scalar = Union[float, int, torch.Tensor]
 TensorList = Iterable[torch.Tensor]
 
 __all__ = [spec["name"] for spec in _C.op_specs()] + [
-    "orthonormalize_many_", "new_basis", "validate", "param_metadata", "changed_params", "reference",
+    "orthonormalize_many_", "new_basis", "validate", "Plan", "param_metadata", "changed_params", "reference",
     "force_reference"]
 
 # Device types with compiled kernels loaded (CUDA only when wavg_ext loaded _C_cuda).
@@ -224,6 +224,61 @@ def validate(op: str, *args) -> None:
     args = args + v.defaults[n - v.required:]
     lists = [_as_list(name, a) for name, a in zip(v.names[:v.lists], args)]
     v.check(*lists, *args[v.lists:])
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class Plan:
+    """One pair or compensated op over tensor lists that stay the same from call to call,
+    validated once: ``plan = Plan("ema_", avgs, xs)``, then ``plan(weight)`` each step does
+    what ``ops.ema_(avgs, xs, weight)`` does, without validating every pair again.
+
+    Before each call the plan re-checks, in C++, what can change under the same tensor
+    objects (each tensor's data pointer, dtype, device, sizes and strides: ``p.data = ...``,
+    ``module.to(...)``); when anything changed it validates everything again and raises
+    exactly what the op would raise, before any write. The lists themselves are copied at
+    construction: the plan keeps those tensors (and their memory) alive, and replacing a
+    tensor in your list does not reach it (make a new plan). The scalar is checked on every
+    call, as by the op. CPU tensors with matching layouts run the kept plan; other devices,
+    pairs that need temporaries (different layouts) and forced reference mode call the op
+    each time, with the same results.
+
+    ``op``: a pair op (running_mean_, ema_, accumulate_, scale_copy_) or a compensated op
+    (running_mean_compensated_, ema_compensated_, whose lists are (avgs, comps, xs)).
+    """
+
+    __slots__ = ("op", "lists", "_fn", "_plan")
+
+    def __init__(self, op: str, *lists: TensorList) -> None:
+        spec = _SPECS.get(op) if isinstance(op, str) else None
+        if spec is None or spec["kind"] not in ("pair", "compensated"):
+            ops = [n for n, s in _SPECS.items() if s["kind"] in ("pair", "compensated")]
+            raise ValueError(f"Plan: {op!r} is not a pair or compensated op; those are {', '.join(ops)}")
+        names = spec["lists"]
+        if len(lists) != len(names):
+            raise TypeError(f"Plan: {op} takes {len(names)} tensor lists ({', '.join(names)}), got {len(lists)}")
+        self.op = op
+        self.lists = tuple(list(_as_list(name, t)) for name, t in zip(names, lists))
+        self._fn = globals()[op]
+        validate(op, *self.lists, 0.0)  # the op's own checks and messages
+        self._plan = _C.CallPlan(op, list(self.lists)) if _use_kernels(self.lists[0]) else None
+
+    def check(self) -> None:
+        """Raises what a call would raise about the tensors (not the scalar), writing nothing."""
+        if self._plan is not None and not _force_reference:
+            self._plan.check()
+        else:
+            validate(self.op, *self.lists, 0.0)
+
+    def __call__(self, scalar: Scalar) -> None:
+        if self._plan is None or _force_reference or torch.compiler.is_compiling():
+            self._fn(*self.lists, scalar)
+        else:
+            self._plan.run(scalar)
+
+    def __reduce__(self):
+        raise TypeError("a wavg_ext.ops.Plan holds a C++ plan and cannot be pickled or copied; make a new one")
 
 
 # --------------------------------------------------------------------------- parameter tracking

@@ -322,6 +322,9 @@ class WeightAveraging(_WrappedOptimizer):
             group_of.setdefault(s.device, []).append(i)
         self._groups = list(groups.values())
         self._group_indices = list(group_of.values())
+        # op -> one ops.Plan per group, made at the op's first use on these lists (not with
+        # DTensor parameters, whose groups are re-read before each use).
+        self._plans: Dict[str, List[ops.Plan]] = {}
         if self.skip_nonfinite:
             # Kept per device; a new device gets a (device-to-device, no host sync) copy.
             old: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = getattr(self, "_device_counts", {})
@@ -425,34 +428,53 @@ class WeightAveraging(_WrappedOptimizer):
         return changed
 
     def _run_ops(self, op: str, scalar: Any, pick: Callable[..., Tuple[list, ...]],
-                 scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None) -> None:
+                 scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None, planned: bool = False) -> None:
         """Runs ``ops.<op>(*pick(averages, sources, compensations, positions), scalar)`` for every
         device group (``scalars(self)``: one per group instead, e.g. device tensors). The ops validate
         everything before they write, so when one refuses the model's tensors (a dtype or device
         changed under a parameter behind the per-step check), the wrapper adopts the model as it
         is now (:meth:`_adopt`) and runs again; with several device groups all are validated
-        first, so that a refusal never comes after a group was updated."""
+        first, so that a refusal never comes after a group was updated. ``planned``: the call of a
+        sample, run through one kept :class:`ops.Plan` per group (``pick`` must then always pick
+        the same lists for ``op``)."""
         fn = getattr(ops, op)
         for attempt in (0, 1):
             if self._dtensor_params:
                 self._regroup()  # FSDP2 may have given a parameter a new local tensor
             try:
-                calls = [pick(avgs, srcs, comps, positions) for (avgs, srcs, comps), positions in
-                         zip(self._groups, self._group_indices)]
-                per_group = scalars(self) if scalars is not None else [scalar] * len(calls)
-                if len(calls) > 1:
+                per_group = scalars(self) if scalars is not None else [scalar] * len(self._groups)
+                if not planned or self._dtensor_params:
+                    calls = [pick(avgs, srcs, comps, positions) for (avgs, srcs, comps), positions in
+                             zip(self._groups, self._group_indices)]
+                    if len(calls) > 1:
+                        for args, sc in zip(calls, per_group):
+                            ops.validate(op, *args, sc)
                     for args, sc in zip(calls, per_group):
-                        ops.validate(op, *args, sc)
-                for args, sc in zip(calls, per_group):
-                    fn(*args, sc)
+                        fn(*args, sc)
+                    return
+                # The samples: the same lists every step, so plans validated once (one per op:
+                # a planned op always picks the same lists), re-checked cheaply each call.
+                plans = self._plans.get(op)
+                if plans is None:
+                    plans = [ops.Plan(op, *pick(avgs, srcs, comps, positions)) for (avgs, srcs, comps), positions
+                             in zip(self._groups, self._group_indices)]
+                    self._plans[op] = plans
+                if len(plans) > 1:
+                    for plan, sc in zip(plans, per_group):
+                        plan.check()
+                        ops.validate(op, [], [], *([[]] if len(plan.lists) == 3 else []), sc)  # the scalar
+                for plan, sc in zip(plans, per_group):
+                    plan(sc)
                 return
             except (TypeError, ValueError):
+                self._plans = {}
                 if attempt or not self._adopt():
                     raise
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state["_param_metadata"] = None  # a C++ object (a capsule): rebuilt on load
+        state["_plans"] = {}  # C++ objects too: made again at the next sample
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -577,13 +599,13 @@ class WeightAveraging(_WrappedOptimizer):
         elif self.compensated:
             op, scalar = ("running_mean_compensated_", n) if n == 0 or self.rule == "mean" else \
                 ("ema_compensated_", self.momentum)
-            self._run_ops(op, scalar, lambda avgs, srcs, comps, _: (avgs, comps, srcs))
+            self._run_ops(op, scalar, lambda avgs, srcs, comps, _: (avgs, comps, srcs), planned=True)
         elif n == 0:
-            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (avgs, srcs))
+            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
         elif self.rule == "mean":
-            self._run_ops("running_mean_", n, lambda avgs, srcs, comps, _: (avgs, srcs))
+            self._run_ops("running_mean_", n, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
         else:
-            self._run_ops("ema_", self.momentum, lambda avgs, srcs, comps, _: (avgs, srcs))
+            self._run_ops("ema_", self.momentum, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
         if self._int_slots and not self.skip_nonfinite:
             torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
         self._num = n + 1
@@ -615,16 +637,16 @@ class WeightAveraging(_WrappedOptimizer):
         mean_op = "running_mean_compensated_" if comp else "running_mean_"
         pick = (lambda avgs, srcs, comps, _: (avgs, comps, srcs)) if comp else (lambda avgs, srcs, comps, _: (avgs, srcs))
         if self.rule == "mean":
-            self._run_ops(mean_op, 0.0, pick, scalars=gate(bad, lambda c: c))
+            self._run_ops(mean_op, 0.0, pick, scalars=gate(bad, lambda c: c), planned=True)
         else:
             # The first sample of an average is copied (count 0), later ones are EMA updates:
             # two gated calls, one of which does nothing.
             first = [c == 0 for c, _ in counts]
             self._run_ops(mean_op, 0.0, pick,
-                          scalars=gate([b | ~f for b, f in zip(bad, first)], lambda c: torch.zeros_like(c)))
+                          scalars=gate([b | ~f for b, f in zip(bad, first)], lambda c: torch.zeros_like(c)), planned=True)
             self._run_ops("ema_compensated_" if comp else "ema_", self.momentum, pick,
                           scalars=gate([b | f for b, f in zip(bad, first)],
-                                       lambda c: torch.full_like(c, self.momentum)))
+                                       lambda c: torch.full_like(c, self.momentum)), planned=True)
         with torch.no_grad():
             for b, (count, skipped) in zip(bad, counts):
                 count.add_((~b).to(count.dtype))
