@@ -1,6 +1,6 @@
 """Benchmark of the fused wavg_ext ops against pure-PyTorch ways of doing the same update.
 
-Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers|twa|trust|dropin] [--device cpu|cuda]
+Run ``python -m wavg_ext.bench [--quick] [--suite all|ops|wrappers|twa|trust|dropin|threads] [--device cpu|cuda]
 [--json PATH] [--plot PATH] [--repeats N] [--cases SUBSTR[,SUBSTR...]]``.
 
 Suites: ``ops`` (the fused averaging ops, :mod:`wavg_ext.bench.ops`), ``wrappers`` (the
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import build_info
-from . import dropin, ops, trust, twa, wrappers
+from . import dropin, ops, threads, trust, twa, wrappers
 from .common import environment
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -35,11 +35,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                              "fast calls get up to 25x more)")
     p.add_argument("--cases", metavar="SUBSTR", help="only cases whose id (op-shapes-dtype, or "
                    "step-method-shapes-dtype) contains one of these comma-separated substrings")
-    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa", "trust", "dropin"], default="all",
+    p.add_argument("--suite", choices=["all", "ops", "wrappers", "twa", "trust", "dropin", "threads"],
+                   default="all",
                    help="the fused averaging ops, the optimizer wrappers' per-step overhead, the TWA "
                         "kernels (projection, orthonormalization), the cost of the trust features (model "
                         "check, float64/compensated averages, skip_nonfinite), AveragedModel vs torch's (dropin), "
-                        "or all of them (default)")
+                        "one vs two threads around the kernels' threshold (threads), or all of them (default)")
     args = p.parse_args(argv)
 
     cuda_ok = torch.cuda.is_available() and build_info()["cuda"]
@@ -59,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     tcases = twa.all_cases(args.quick, device) if args.suite in ("all", "twa") else []
     rcases = trust.all_cases(args.quick) if args.suite in ("all", "trust") else []
     dcases = dropin.all_cases(args.quick) if args.suite in ("all", "dropin") else []
+    hcases = threads.all_cases(args.quick) if args.suite in ("all", "threads") and device.type == "cpu" else []
     if args.cases:
         subs = args.cases.split(",")
         cases = [c for c in cases if any(s in c.id for s in subs)]
@@ -66,10 +68,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         tcases = [c for c in tcases if any(s in c.id for s in subs)]
         rcases = [c for c in rcases if any(s in c.id for s in subs)]
         dcases = [c for c in dcases if any(s in c.id for s in subs)]
-        if not cases and not wcases and not tcases and not rcases and not dcases:
+        hcases = [c for c in hcases if any(s in c.id for s in subs)]
+        if not cases and not wcases and not tcases and not rcases and not dcases and not hcases:
             names = [c.id for c in ops.all_cases()] + [c.id for c in wrappers.all_cases()] + \
                     [c.id for c in twa.all_cases()] + [c.id for c in trust.all_cases()] + \
-                    [c.id for c in dropin.all_cases()]
+                    [c.id for c in dropin.all_cases()] + [c.id for c in threads.all_cases()]
             p.error(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
 
     env = environment(device)
@@ -132,9 +135,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows = dropin.run_case(dcase, device, rounds)
             drows += rows
             print("\n" + dropin.format_case(dcase, rows), flush=True)
+    hrows = []
+    if hcases:
+        rounds = args.repeats or (10 if args.quick else 30)
+        print("\nThreads: the planned ema_ (float32, warm) on one and two threads, interleaved call by call; the "
+              f"kernels use one thread below {2 * threads.MIN_ELEMENTS_PER_THREAD} elements.", flush=True)
+        for hcase in hcases:
+            hrows += threads.run_case(hcase, device, rounds)
+        print(threads.format_rows(hrows), flush=True)
     elapsed = time.perf_counter() - t_start
     load = os.getloadavg()[0]
-    print(f"\n{len(cases) + len(wcases) + len(tcases) + len(rcases) + len(dcases)} cases in {elapsed:.1f} s; load average now "
+    print(f"\n{len(cases) + len(wcases) + len(tcases) + len(rcases) + len(dcases) + len(hcases)} cases in {elapsed:.1f} s; load average now "
           f"{load:.2f}")
     if load > 0.5 * env["num_threads"] + 1:  # this run itself adds about 1
         print("WARNING: other processes competed for the cores during the run; the timings are noisy.")
@@ -143,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, args=vars(args), repeats=repeats, elapsed_s=elapsed,
                            rows=[r for _, rows in results for r in rows], wrapper_rows=wrows, twa_rows=trows,
-                           trust_rows=rrows, dropin_rows=drows),
+                           trust_rows=rrows, dropin_rows=drows, threads_rows=hrows),
                       f, indent=1)
         print(f"wrote {args.json}")
     if args.plot and results:

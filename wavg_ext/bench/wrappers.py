@@ -9,7 +9,8 @@ parameters with fixed gradients and one base optimizer (SGD with momentum, forea
 - ``foreach_lerp``: base step, then ``torch._foreach_lerp_`` (what a careful hand-written
   update does; bf16 params are cast to the fp32 averages first);
 - ``loop``: base step, then a per-tensor Python loop of ``lerp_``;
-- ``wavg_ext_op_only``: the wrapper's averaging call alone (no base step), which
+- ``wavg_ext_op_only``: the wrapper's averaging call alone (no base step; an ``ops.Plan``
+  call, as the wrapper's samples are), which
   shows the averaging cost when it is smaller than the base step's run-to-run noise
   (many small tensors).
 
@@ -104,12 +105,12 @@ class Setup:
         mixed = case.x_dtype != case.avg_dtype
         if "wavg_ext_op_only" in want:
             op_avgs = [x.to(case.avg_dtype, copy=True) for x in xs]
-            if ema:
-                def op_only() -> None:
-                    ops.ema_(op_avgs, xs, 1.0 - EMA_DECAY)
-            else:
-                def op_only() -> None:
-                    ops.running_mean_(op_avgs, xs, 1)
+            # (through an ops.Plan, as the wrapper's samples run)
+            plan = ops.Plan("ema_" if ema else "running_mean_", op_avgs, xs)
+            scalar = 1.0 - EMA_DECAY if ema else 1
+
+            def op_only() -> None:
+                plan(scalar)
             out["wavg_ext_op_only"] = (op_only, lambda: op_avgs)
         for kind in ("foreach_lerp", "loop"):
             if kind not in want:
