@@ -71,3 +71,32 @@ def test_orthonormalize(benchmark, device, method):
     gram = sum(b.reshape(case.n, -1).double() @ b.reshape(case.n, -1).double().T for b in basis)
     assert (gram - torch.eye(case.n, dtype=torch.float64, device=device)).abs().max() <= 1e-5
     benchmark(run)
+
+
+def test_from_checkpoints(benchmark, tmp_path):
+    """TWA.from_checkpoints end to end on saved checkpoints (the suite's from_checkpoints
+    case, small): the model starts at the checkpoints' mean, in a basis of all of them."""
+    from wavg_ext.bench.common import ParamHolder
+    from wavg_ext.optim import TWA
+
+    case = bench_twa.CheckpointsCase("resnet50", 6, limit=300_000)
+    benchmark.group = case.id
+    shapes = case.shape_list()
+    g = torch.Generator().manual_seed(0)
+    ckpts = [[torch.randn(s, generator=g) for s in shapes] for _ in range(case.n)]
+    paths = []
+    for j, tensors in enumerate(ckpts):
+        paths.append(str(tmp_path / f"c{j}.pt"))
+        torch.save({f"params.{i}": t for i, t in enumerate(tensors)}, paths[-1])
+
+    def run():
+        model = ParamHolder([torch.zeros(s) for s in shapes])
+        twa = TWA.from_checkpoints(model, torch.optim.SGD(model.parameters(), lr=0.1), paths)
+        return model, twa
+
+    model, twa = run()
+    assert twa.num_basis == case.n
+    for i, p in enumerate(model.parameters()):
+        mean = torch.stack([c[i].double() for c in ckpts]).mean(0)
+        torch.testing.assert_close(p.double(), mean, rtol=1e-5, atol=1e-5)
+    benchmark(run)

@@ -18,11 +18,20 @@ twice and written once, 4-byte elements); dots and combine_: (k·s + 4)·D.
 Orthonormalization case: n random-walk snapshots (each = previous + small noise, like SGD
 checkpoints) of D parameters: ``orthonormalize_many_`` (block CGS2 + Cholesky-QR2),
 n sequential ``orthonormalize_`` calls (CGS2), and ``torch.linalg.qr`` of the [D, n] matrix.
+
+From-checkpoints case: n random-walk checkpoints saved with ``torch.save`` (read from the
+page cache): ``TWA.from_checkpoints`` end to end (check every checkpoint, load them into
+the basis and the mean, orthonormalize, start the subspace), against ``torch.load`` of
+each, stacked into the [D, n] fp32 matrix, then ``torch.linalg.qr``, and ``torch.load`` of
+each alone (reading each checkpoint once: part of the floor).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -85,11 +94,30 @@ class OrthoCase:
         return sum(common.numel(s) for s in self.shape_list())
 
 
+@dataclass(frozen=True)
+class CheckpointsCase:
+    shapes: str
+    n: int
+    limit: Optional[int] = None  # as OrthoCase
+
+    @property
+    def id(self) -> str:
+        return f"from_checkpoints-{self.shapes}-n{self.n}" + (f"-D{self.numel() // 1000}k" if self.limit else "")
+
+    def shape_list(self) -> List[Tuple[int, ...]]:
+        return OrthoCase(self.shapes, self.n, self.limit).shape_list()
+
+    def numel(self) -> int:
+        return sum(common.numel(s) for s in self.shape_list())
+
+
 def all_cases(quick: bool = False, device: Optional[torch.device] = None) -> List[object]:
     cases: List[object] = [ProjectCase("resnet50", k, st) for k in (10, 40) for st in ("fp32", "bf16")]
     if device is None or device.type == "cuda":  # a 5 GB fp32 basis: GPUs only
         cases += [ProjectCase("gpt2", 10, st) for st in ("fp32", "bf16")]
     cases.append(OrthoCase("resnet50", 40, limit=2_600_000 if quick else None))
+    if device is None or device.type == "cpu":  # (the checkpoints are loaded onto the CPU)
+        cases.append(CheckpointsCase("resnet50", 8 if quick else 40, limit=2_600_000 if quick else None))
     if quick:
         cases = [c for c in cases if not (isinstance(c, ProjectCase) and c.k == 40)]
     return cases
@@ -269,9 +297,68 @@ def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[d
     return rows
 
 
+def run_checkpoints_case(case: CheckpointsCase, device: torch.device, quick: bool) -> List[dict]:
+    from ..optim import TWA  # (the suite's other cases need only the ops)
+
+    shapes = case.shape_list()
+    d = case.numel()
+    names = [f"params.{i}" for i in range(len(shapes))]  # ParamHolder's parameter names
+    tmp = tempfile.mkdtemp(prefix="wavg_ext_bench_")
+    rows: List[dict] = []
+    try:
+        g = torch.Generator().manual_seed(0)
+        cur = [0.05 * torch.randn(s, generator=g) for s in shapes]
+        paths = []
+        for j in range(case.n):  # a random walk, like SGD checkpoints
+            cur = [c + 0.01 * torch.randn(c.shape, generator=g) for c in cur]
+            paths.append(os.path.join(tmp, f"checkpoint{j}.pt"))
+            torch.save(dict(zip(names, cur)), paths[-1])
+        del cur
+        repeats = 1 if (d > 5_000_000 and not quick) else 2
+
+        def timed(method: str, fn: Callable[[], object], note: str) -> None:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+                common.free(device)
+            rows.append(dict(case=case.id, method=method, median_ms=statistics.median(times) * 1e3, repeats=repeats,
+                             note=note, n=case.n, D=d))
+
+        def from_checkpoints() -> None:
+            model = common.ParamHolder([torch.zeros(s) for s in shapes])
+            twa = TWA.from_checkpoints(model, torch.optim.SGD(model.parameters(), lr=0.1), paths)
+            assert twa.num_basis == case.n
+
+        def load_and_qr() -> None:
+            m = torch.empty(case.n, d)
+            for j, path in enumerate(paths):
+                sd = torch.load(path, weights_only=True)
+                torch.cat([sd[k].reshape(-1) for k in names], out=m[j])
+                del sd
+            torch.linalg.qr(m.T)
+
+        def load_each() -> None:
+            for path in paths:
+                torch.load(path, weights_only=True)
+
+        timed("TWA.from_checkpoints", from_checkpoints, "end to end: checks, basis and mean, CGS2/Cholesky-QR2")
+        timed("torch.load + linalg.qr", load_and_qr, "load each, stack into [n, D], Householder QR of its transpose")
+        timed("torch.load", load_each, "each checkpoint read once (page cache)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        r["speedup_vs_qr"] = by["torch.load + linalg.qr"]["median_ms"] / r["median_ms"]
+    return rows
+
+
 def run_case(case, device: torch.device, repeats: int, min_time: float, quick: bool) -> List[dict]:
     if isinstance(case, ProjectCase):
         return run_project_case(case, device, repeats, min_time)
+    if isinstance(case, CheckpointsCase):
+        return run_checkpoints_case(case, device, quick)
     return run_ortho_case(case, device, quick)
 
 
@@ -283,6 +370,12 @@ def format_case(case, rows: List[dict]) -> str:
         for r in rows:
             lines.append(f"  {r['method']:<16}{r['median_ms']:>10.2f}{r['gbps']:>8.1f}{r['pct_triad']:>8.0f}%"
                          f"{r['pct_dot']:>6.0f}%{r['pct_copy']:>7.0f}%{r['speedup_vs_paper']:>9.2f}x")
+        return "\n".join(lines)
+    if isinstance(case, CheckpointsCase):
+        head = f"{case.id}: n = {case.n} saved random-walk checkpoints of D = {case.numel():,} parameters (fp32)"
+        lines = [head, f"  {'method':<24}{'ms':>10}{'vs qr':>9}  note"]
+        for r in rows:
+            lines.append(f"  {r['method']:<24}{r['median_ms']:>10.1f}{r['speedup_vs_qr']:>8.2f}x  {r['note']}")
         return "\n".join(lines)
     head = f"{case.id}: n = {case.n} random-walk snapshots of D = {case.numel():,} parameters (fp32)"
     lines = [head, f"  {'method':<22}{'ms':>10}{'max|QtQ-I|':>12}{'vs qr':>9}  note"]
