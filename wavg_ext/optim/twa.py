@@ -615,7 +615,9 @@ class TWA(_WrappedOptimizer):
         where = f"checkpoints[{i}]"
         if isinstance(ckpt, (str, os.PathLike)):
             where += f" ({os.fspath(ckpt)})"
-            if check_only:  # memory-mapped on the CPU: only what is read is loaded
+            # Memory-mapped on the CPU: only what is read is loaded, and read in place from the
+            # page cache (for CPU parameters also when loading: no copy into fresh memory).
+            if check_only or self._params[0].device.type == "cpu":
                 try:
                     obj = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
                 except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
