@@ -132,8 +132,18 @@ class CallPlan {
     signatures_.clear();
     dims_.clear();
     for (const at::Tensor& t : outs_) TORCH_CHECK_TYPE(t.defined(), spec_->name, ": undefined tensor");
-    check_not_inference(spec_->name, spec_->out_name, outs_);
-    check_not_inference(spec_->name, "comps", comps_);
+    // As the op: its Autograd entry refuses to write an inference tensor, and it runs when
+    // some argument is a normal tensor and inference mode is off (the mode may differ from
+    // call to call: checked per call when it can matter).
+    inference_out_ = false;
+    normal_ = false;
+    for (const at::Tensor& t : outs_) inference_out_ = inference_out_ || t.is_inference();
+    for (const at::Tensor& t : comps_) inference_out_ = inference_out_ || t.is_inference();
+    for_each_tensor([&](const at::Tensor& t) { normal_ = normal_ || (t.defined() && !t.is_inference()); });
+    if (through_autograd() && inference_out_) {
+      check_not_inference(spec_->name, spec_->out_name, outs_);
+      check_not_inference(spec_->name, "comps", comps_);
+    }
     // A valid scalar for either rule: the lists are what is checked here.
     plan_ = spec_->compensated ? prepare_compensated(*spec_, outs_, comps_, ins_, 0.0)
                                : prepare_pairs(*spec_, outs_, ins_, 0.0);
@@ -148,13 +158,24 @@ class CallPlan {
     valid_ = true;
   }
 
+  // Whether a call of the op would pass its Autograd entry now (some argument a normal
+  // tensor, inference mode off): that entry refuses inference outputs and bumps versions.
+  bool through_autograd() const { return normal_ && !c10::InferenceMode::is_enabled(); }
+
   void run_planned(const ScalarArg& scalar) {
-    if (scalar.skip) return;  // a NaN gate: validated, nothing to do
-    plan_.scalar = scalar;
-    cpu::run_pair_kernel(*spec_, plan_);
-    // As the ops' Autograd entry does: autograd notices a saved tensor was modified.
-    bump_versions(outs_);
-    bump_versions(comps_);
+    const bool autograd = through_autograd();
+    if (autograd && inference_out_) {
+      check_not_inference(spec_->name, spec_->out_name, outs_);
+      check_not_inference(spec_->name, "comps", comps_);
+    }
+    if (!scalar.skip) {  // (a NaN gate: validated, nothing to do)
+      plan_.scalar = scalar;
+      cpu::run_pair_kernel(*spec_, plan_);
+    }
+    if (autograd) {  // as the op's Autograd entry: autograd notices a saved tensor was modified
+      bump_versions(outs_);
+      bump_versions(comps_);
+    }
   }
 
   template <typename Scalar>
@@ -178,6 +199,8 @@ class CallPlan {
   PairPlan plan_;
   bool reusable_ = false;
   bool valid_ = false;
+  bool inference_out_ = false;  // some output is an inference tensor
+  bool normal_ = false;         // some tensor is not
 };
 
 }  // namespace

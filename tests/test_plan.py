@@ -189,3 +189,35 @@ def test_the_plan_keeps_its_own_lists():
     ops.ema_(want, [old] + xs[1:], 0.5)
     plan(0.5)
     _assert_bits(avgs, want)
+
+
+def test_inference_tensors_as_for_the_op():
+    """Inference averages of normal weights are written inside torch.inference_mode() only,
+    as by the op; a plan made inside it refuses outside it."""
+    xs = _lists()[1]
+    with torch.inference_mode():
+        avgs = _lists()[0]
+        plan = ops.Plan("ema_", avgs, xs)
+        plan(0.5)
+        want = _bits(avgs)
+    before = _bits(avgs)
+    with pytest.raises(RuntimeError, match="inference tensor") as from_op:
+        ops.ema_(avgs, xs, 0.5)
+    with pytest.raises(RuntimeError, match="inference tensor") as from_plan:
+        plan(0.5)
+    assert str(from_plan.value) == str(from_op.value)
+    _assert_bits(avgs, before)
+    with torch.inference_mode():
+        ops.ema_(want, xs, 0.5)
+        plan(0.5)
+    _assert_bits(avgs, want)
+
+
+def test_inference_tensors_only_run_anywhere():
+    """All tensors inference tensors: the op runs outside inference mode too, and so does a plan."""
+    with torch.inference_mode():
+        avgs, xs = _lists()
+    want = _bits(avgs)
+    ops.ema_(want, xs, 0.5)
+    ops.Plan("ema_", avgs, xs)(0.5)
+    _assert_bits(avgs, want)
