@@ -13,7 +13,6 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,9 +67,6 @@ class CallPlan {
     if (!reusable_) return call_op(value);
     run_planned(make_scalar(*spec_, value));
   }
-
-  // Whether calls run the kept plan (CPU tensors, no temporaries) or the op each time.
-  bool reusable() const { return reusable_; }
 
  private:
   // What the plan relies on for one tensor: its TensorImpl (the plan holds the tensor) and
@@ -140,10 +136,7 @@ class CallPlan {
     for (const at::Tensor& t : outs_) inference_out_ = inference_out_ || t.is_inference();
     for (const at::Tensor& t : comps_) inference_out_ = inference_out_ || t.is_inference();
     for_each_tensor([&](const at::Tensor& t) { normal_ = normal_ || (t.defined() && !t.is_inference()); });
-    if (through_autograd() && inference_out_) {
-      check_not_inference(spec_->name, spec_->out_name, outs_);
-      check_not_inference(spec_->name, "comps", comps_);
-    }
+    check_inference_outputs(through_autograd());
     // A valid scalar for either rule: the lists are what is checked here.
     plan_ = spec_->compensated ? prepare_compensated(*spec_, outs_, comps_, ins_, 0.0)
                                : prepare_pairs(*spec_, outs_, ins_, 0.0);
@@ -162,12 +155,16 @@ class CallPlan {
   // tensor, inference mode off): that entry refuses inference outputs and bumps versions.
   bool through_autograd() const { return normal_ && !c10::InferenceMode::is_enabled(); }
 
+  // The Autograd entry's refusal of inference outputs (autograd: whether it runs now).
+  void check_inference_outputs(bool autograd) const {
+    if (!autograd || !inference_out_) return;
+    check_not_inference(spec_->name, spec_->out_name, outs_);
+    check_not_inference(spec_->name, "comps", comps_);
+  }
+
   void run_planned(const ScalarArg& scalar) {
     const bool autograd = through_autograd();
-    if (autograd && inference_out_) {
-      check_not_inference(spec_->name, spec_->out_name, outs_);
-      check_not_inference(spec_->name, "comps", comps_);
-    }
+    check_inference_outputs(autograd);
     if (!scalar.skip) {  // (a NaN gate: validated, nothing to do)
       plan_.scalar = scalar;
       cpu::run_pair_kernel(*spec_, plan_);
@@ -212,8 +209,7 @@ void bind_call_plan(pybind11::module& m) {
       .def(pybind11::init<const std::string&, const std::vector<std::vector<at::Tensor>>&>(),
            pybind11::arg("op"), pybind11::arg("lists"))
       .def("check", &CallPlan::check)
-      .def("run", &CallPlan::run, pybind11::arg("scalar"))
-      .def_property_readonly("reusable", &CallPlan::reusable);
+      .def("run", &CallPlan::run, pybind11::arg("scalar"));
 }
 
 }  // namespace wavg_ext

@@ -94,20 +94,27 @@ def test_exclusions_are_copied():
         ModelEMA(model, exclude=["nope*"])
 
 
-def test_float32_averages_of_a_bfloat16_model():
+def _slow_ema_run(model, emas, steps, decay=0.999):
+    """steps - 1 small random moves of model's weights, each followed by an update of every
+    ModelEMA in emas (made with this decay); returns the float64 EMA of the same weights."""
     gen = torch.Generator().manual_seed(2)
-    model = Net(torch.bfloat16)
-    ema32 = ModelEMA(model, decay=0.999, average_dtype=torch.float32)
-    ema16 = ModelEMA(model, decay=0.999)
     ref = [p.double().clone() for p in model.parameters()]
-    for step in range(1, 200):
+    for step in range(1, steps):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
-        ema32.update(model)
-        ema16.update(model)
-        d = 0.0 if step == 1 else 0.999
+        for ema in emas:
+            ema.update(model)
+        d = 0.0 if step == 1 else decay
         ref = [d * r + (1 - d) * p.double() for r, p in zip(ref, model.parameters())]
+    return ref
+
+
+def test_float32_averages_of_a_bfloat16_model():
+    model = Net(torch.bfloat16)
+    ema32 = ModelEMA(model, decay=0.999, average_dtype=torch.float32)
+    ema16 = ModelEMA(model, decay=0.999)
+    ref = _slow_ema_run(model, [ema32, ema16], 200)
     assert all(p.dtype == torch.float32 for p in ema32.module.parameters())
     err32 = max((a.double() - r).abs().max().item() for a, r in zip(ema32.module.parameters(), ref))
     err16 = max((a.double() - r).abs().max().item() for a, r in zip(ema16.module.parameters(), ref))
@@ -118,19 +125,10 @@ def test_stochastic_rounding_keeps_bfloat16_averages_moving():
     """The same run as above with stochastic rounding: the bfloat16 averages follow the
     float64 EMA about as closely as the float32 averages (within the bfloat16 rounding
     noise, averaged over each tensor), where round-to-nearest stagnates."""
-    gen = torch.Generator().manual_seed(2)
     model = Net(torch.bfloat16)
     sr = ModelEMA(model, decay=0.999, stochastic_rounding=True, seed=5)
     rn = ModelEMA(model, decay=0.999)
-    ref = [p.double().clone() for p in model.parameters()]
-    for step in range(1, 300):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
-        sr.update(model)
-        rn.update(model)
-        d = 0.0 if step == 1 else 0.999
-        ref = [d * r + (1 - d) * p.double() for r, p in zip(ref, model.parameters())]
+    ref = _slow_ema_run(model, [sr, rn], 300)
     assert all(p.dtype == torch.bfloat16 for p in sr.module.parameters())
 
     def mean_bias(ema):  # |mean(avg - ref)| over all elements: the drift rounding leaves

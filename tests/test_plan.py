@@ -221,3 +221,19 @@ def test_inference_tensors_only_run_anywhere():
     ops.ema_(want, xs, 0.5)
     ops.Plan("ema_", avgs, xs)(0.5)
     _assert_bits(avgs, want)
+
+
+@pytest.mark.parametrize("op, bad", [("running_mean_", -1), ("ema_compensated_", float("inf"))])
+def test_check_with_a_scalar_checks_it_too(op, bad):
+    avgs, xs = _lists()
+    lists = (avgs, [torch.zeros_like(a) for a in avgs], xs) if "compensated" in op else (avgs, xs)
+    plan = ops.Plan(op, *lists)
+    before = _bits(avgs)
+    plan.check()
+    plan.check(0.5)
+    with pytest.raises(ValueError) as from_plan:
+        plan.check(bad)
+    with pytest.raises(ValueError) as from_op:
+        getattr(ops, op)(*lists, bad)
+    assert str(from_plan.value) == str(from_op.value)
+    _assert_bits(avgs, before)

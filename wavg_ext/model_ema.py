@@ -37,7 +37,7 @@ from . import ops
 
 __all__ = ["ModelEMA", "ema_decay"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = ops.FLOAT_DTYPES
 Decay = Union[float, Callable[[int], float]]
 
 
@@ -120,12 +120,10 @@ def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[T
     elif seed is None:
         calls = _calls("ema_", avgs, xs, 1.0 - decay)
     else:
-        bf16 = [a.dtype == torch.bfloat16 for a in avgs]
         # (the pairs' positions in the stochastic call are their order among the bfloat16 ones)
-        calls = (_calls("ema_stochastic_", [a for a, b in zip(avgs, bf16) if b], [x for x, b in zip(xs, bf16) if b],
-                        1.0 - decay, seed)
-                 + _calls("ema_", [a for a, b in zip(avgs, bf16) if not b], [x for x, b in zip(xs, bf16) if not b],
-                          1.0 - decay))
+        by_kind = group_pairs(avgs, xs, lambda a: a.dtype == torch.bfloat16)
+        calls = (_calls("ema_stochastic_", *by_kind.get(True, ([], [])), 1.0 - decay, seed)
+                 + _calls("ema_", *by_kind.get(False, ([], [])), 1.0 - decay))
     for op, ga, gx, args in calls:
         getattr(ops, op)(ga, gx, *args)
     copy_tensors_(copies, copy_from)

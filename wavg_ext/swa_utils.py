@@ -32,7 +32,7 @@ from .model_ema import group_pairs
 
 __all__ = ["AveragedModel", "get_ema_multi_avg_fn", "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn"]
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FUSED_DTYPES = ops.FLOAT_DTYPES
 
 
 def _check_decay(decay: float) -> float:

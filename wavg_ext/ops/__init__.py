@@ -38,8 +38,11 @@ Scalar = Union[float, int, torch.Tensor]
 TensorList = Iterable[torch.Tensor]
 
 __all__ = [spec["name"] for spec in _C.op_specs()] + [
-    "orthonormalize_many_", "new_basis", "validate", "Plan", "param_metadata", "changed_params", "reference",
-    "force_reference"]
+    "orthonormalize_many_", "new_basis", "validate", "Plan", "FLOAT_DTYPES", "param_metadata", "changed_params",
+    "reference", "force_reference"]
+
+# The floating dtypes the ops' kernels read and write (float8 and complex are refused).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Device types with compiled kernels loaded (CUDA only when wavg_ext loaded _C_cuda).
 _KERNEL_DEVICES = frozenset(["cpu", "cuda"] if _cuda_loaded else ["cpu"])
@@ -264,12 +267,15 @@ class Plan:
         validate(op, *self.lists, 0.0)  # the op's own checks and messages
         self._plan = _C.CallPlan(op, list(self.lists)) if _use_kernels(self.lists[0]) else None
 
-    def check(self) -> None:
-        """Raises what a call would raise about the tensors (not the scalar), writing nothing."""
+    def check(self, scalar: Optional[Scalar] = None) -> None:
+        """Raises what a call would raise about the tensors, and with ``scalar`` about it too,
+        writing nothing."""
         if self._plan is not None and not _force_reference:
             self._plan.check()
         else:
             validate(self.op, *self.lists, 0.0)
+        if scalar is not None:  # the scalar alone: the op's checks over empty lists
+            validate(self.op, *([] for _ in self.lists), scalar)
 
     def __call__(self, scalar: Scalar) -> None:
         if self._plan is None or _force_reference or torch.compiler.is_compiling():

@@ -461,8 +461,7 @@ class WeightAveraging(_WrappedOptimizer):
                     self._plans[op] = plans
                 if len(plans) > 1:
                     for plan, sc in zip(plans, per_group):
-                        plan.check()
-                        ops.validate(op, [], [], *([[]] if len(plan.lists) == 3 else []), sc)  # the scalar
+                        plan.check(sc)
                 for plan, sc in zip(plans, per_group):
                     plan(sc)
                 return

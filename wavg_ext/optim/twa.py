@@ -39,10 +39,6 @@ _INITS = ("mean", "current")
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
 
-# The dtypes ops.nonfinite_flag reads (others: torch.isfinite per tensor).
-_FLAG_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 class RankDeficientSampleWarning(UserWarning):
     """A TWA sample added no new direction to the basis (its weights already lie in the span of
     the earlier samples, up to ``rtol``) and was refused: the basis did not grow."""
@@ -656,7 +652,7 @@ class TWA(_WrappedOptimizer):
         if check_only:  # after the names and shapes: those errors come first
             # One fused, threaded pass over the whole checkpoint (ops.nonfinite_flag) instead
             # of a bool tensor per parameter; the per-tensor search only names a bad one.
-            fused = all(t.dtype in _FLAG_DTYPES for t in out)
+            fused = all(t.dtype in ops.FLOAT_DTYPES for t in out)  # (others: torch.isfinite)
             if not fused or int(ops.nonfinite_flag(out)):
                 for name, t in zip(names, out):
                     if not bool(torch.isfinite(t).all()):
