@@ -96,11 +96,14 @@ def test_zero_numel_tensors_only(hb, device):
     assert torch.equal(ops.dots(basis, xs, 2).cpu(), torch.zeros(2))
 
 
-def test_float32_accuracy_on_a_long_dot(hb):
-    """float64 accumulation across float32 runs: a 4M-element dot of positive terms is far
-    more accurate than one float32 accumulator (the error would be ~1e-4 relative)."""
+@pytest.mark.parametrize("basis_dtype", [torch.float32, torch.bfloat16])
+def test_float32_accuracy_on_a_long_dot(hb, basis_dtype):
+    """float64 accumulation (a float32 basis) or float64 across float32 runs (a bfloat16
+    basis on the CPU): a 4M-element dot of positive terms is far more accurate than one
+    float32 accumulator (the error would be ~1e-4 relative)."""
     x = torch.rand(4_000_000, generator=torch.Generator().manual_seed(0))
-    basis = [x.unsqueeze(0).clone()]
-    exact = (x.double() ** 2).sum()
+    row = x.to(basis_dtype)
+    basis = [row.unsqueeze(0).clone()]
+    exact = (row.double() * x.double()).sum()
     got = ops.dots(basis, [x], 1)[0].double()
     assert abs(got - exact) / exact < 1e-6

@@ -14,11 +14,15 @@
 // Inside a unit, blocks of elements small enough for the L2 cache are swept once
 // per row tile, so every row is read from memory once per call.
 //
-// Precision: with one partner row (dots, project_, norms: memory-bound) products and
-// sums are float64. Multi-row Gram blocks (the batch path: compute-bound) accumulate
-// products in float32 vectors over runs of kRunElements elements and add each run's
-// sum in float64: rounding errors stay at the size of one run's sum, not of the whole
-// dot product. float64 tensors use float64 throughout.
+// Precision: with one partner row (dots, project_, norms: memory-bound) and a float32
+// basis, products and sums are float64. Multi-row Gram blocks (the batch path:
+// compute-bound) and one-partner dots of a bfloat16 basis accumulate products in
+// float32 vectors over runs of kRunElements elements and add each run's sum in
+// float64: rounding errors stay at the size of one run's sum, not of the whole dot
+// product. (For a bfloat16 basis the widening to float64 made the dots compute-bound,
+// 20% slower, for no accuracy that the basis' own 8-bit mantissas keep: a float32
+// FMA rounds each product at 2^-24, the stored rows are rounded at 2^-9.) float64
+// tensors use float64 throughout.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -144,8 +148,9 @@ inline void widen(const at::vec::Vectorized<float>& v, DVec& lo, DVec& hi) {
 }
 
 // acc[mi][0] += sum over e of a[mi][e] * y[e] with every product and sum in float64:
-// the dots of one partner (dots, project_, norms) are memory-bound, so the widening
-// is free and the result is as accurate as a float64 dot of the float32 data.
+// the dots of one partner (dots, project_, norms) with a float32 basis are
+// memory-bound, so the widening costs little and the result is as accurate as a
+// float64 dot of the float32 data.
 template <typename a_t, typename y_t, int MI>
 void dot_tile_wide(const a_t* const* a, const y_t* y, int64_t n, double (*acc)[2]) {
   using opmath_t = opmath_of<a_t>;
@@ -198,11 +203,12 @@ void dot_tile_mj(int mj, const a_t* const* a, const y_t* const* y, int64_t n, do
   return dot_tile<a_t, y_t, MI, 1>(a, y, n, acc);
 }
 
-// One tile of up to 4 x 2 rows; one partner row (wide) goes through dot_tile_wide.
+// One tile of up to 4 x 2 rows; one partner row (wide) of a float32 or float64 basis
+// goes through dot_tile_wide (see Precision at the top).
 template <typename a_t, typename y_t>
 void dot_tile_any(int mi, int mj, bool wide, const a_t* const* a, const y_t* const* y, int64_t n,
                   double (*acc)[2]) {
-  if (wide) {
+  if (wide && !std::is_same_v<a_t, c10::BFloat16>) {
     switch (mi) {
       case 4: return dot_tile_wide<a_t, y_t, 4>(a, y[0], n, acc);
       case 3: return dot_tile_wide<a_t, y_t, 3>(a, y[0], n, acc);
@@ -229,8 +235,12 @@ void rows_dot(const RowPlan& plan, bool symmetric, double* out) {
   make_units(plan, units, starts);
   std::vector<double> partials(units.size() * na * ny, 0.0);
   // Kept in cache: the block's y rows (re-read by every tile of a rows) and one tile of
-  // a rows (re-read by every tile of y rows). The other a rows stream.
-  const int64_t block = cache_block(ny + std::min<int64_t>(na, 4), 4);
+  // a rows (re-read by every tile of y rows). The other a rows stream. With one y row
+  // (dots, project_) no a row is re-read: the block is the whole unit (the y row of a
+  // unit, at most 512 KB, stays in L2), so each a row streams in runs as long as a
+  // unit, which the hardware prefetchers follow better: 10-25% faster than 38 KB runs
+  // (bf16 and fp32 bases, k = 40, ResNet-50 shapes, one and two threads).
+  const int64_t block = ny == 1 ? kUnitElements : cache_block(ny + std::min<int64_t>(na, 4), 4);
 
   for_items(starts, na + ny, kMinParallelWork, [&](int64_t first, int64_t last) {
     std::vector<const void*> arow(na), yrow(ny);
