@@ -19,10 +19,10 @@ Environment switches:
                            or, with no GPU visible, a list up to sm_90 (+PTX).
   WAVG_EXT_CPU_CAPABILITIES  all|default,avx2,...: the vector ISAs the CPU kernels are
                            compiled for (csrc/cpu/capabilities.py); all (default) on
-                           x86-64 is default, avx2 and avx512. The best one the running
-                           CPU supports is picked at import, so one build runs on any
-                           x86-64 CPU (WAVG_EXT_CPU_CAPABILITY=default|avx2|avx512 at
-                           run time forces a lower one).
+                           x86-64 is default, avx2, avx512 and avx512_bf16. The best one
+                           the running CPU supports is picked at import, so one build runs
+                           on any x86-64 CPU (WAVG_EXT_CPU_CAPABILITY=default|avx2|avx512|
+                           avx512_bf16 at run time forces a lower one).
   WAVG_EXT_CUDA_EMULATION  auto|0|1   auto (default): in builds without CUDA kernels on
                            Linux, also build the CUDA sources as host C++ against the
                            emulation layer (csrc/cuda/emulation), for

@@ -67,9 +67,11 @@ def test_many_small_tensors(hb, device):
     torch.testing.assert_close(ops.dots(basis, xs, 4).double().cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_deterministic_across_threads(hb, device):
-    basis = hb.basis([(200003,), (5,), (65536 * 3 + 1,)], 6, torch.float32, device)
-    xs = hb.tensors([(200003,), (5,), (65536 * 3 + 1,)], torch.float32, device)
+@pytest.mark.parametrize("bdt,xdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                     (torch.bfloat16, torch.bfloat16)])
+def test_deterministic_across_threads(hb, device, bdt, xdt):
+    basis = hb.basis([(200003,), (5,), (65536 * 3 + 1,)], 6, bdt, device)
+    xs = hb.tensors([(200003,), (5,), (65536 * 3 + 1,)], xdt, device)
     results = []
     for threads in (torch.get_num_threads(), 1, torch.get_num_threads()):
         torch.set_num_threads(threads)

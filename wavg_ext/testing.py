@@ -18,7 +18,7 @@ by default in builds without CUDA kernels on Linux; ``WAVG_EXT_CUDA_EMULATION=0`
 turns them off).
 
 ``cpu_capability(name)`` runs the CPU kernels compiled for another ISA (``default``,
-``avx2``, ``avx512``: ``build_info()["cpu_capabilities"]`` lists the compiled ones,
+``avx2``, ``avx512``, ``avx512_bf16``: ``build_info()["cpu_capabilities"]`` lists the compiled ones,
 :func:`supported_cpu_capabilities` those this CPU runs) for every call that starts
 inside it, in every thread. At import, wavg_ext picks the best one the CPU supports;
 the environment variable ``WAVG_EXT_CPU_CAPABILITY`` forces a lower one.

@@ -2,11 +2,11 @@
 CMakeLists.txt both read.
 
 Every kernel source ``csrc/cpu/*_cpu.cpp`` is compiled once per ISA below (x86-64: all
-three; elsewhere only ``default``) with that ISA's ``-m`` flags and ATen's
-``CPU_CAPABILITY`` (which picks at::vec's implementation and names the namespace the
-copy lives in), into objects of its own. ``capability.cpp`` picks
+four; elsewhere only ``default``) with that ISA's ``-m`` flags, ATen's ``CPU_CAPABILITY``
+(which names the namespace the copy lives in), ``CPU_CAPABILITY_<vec>`` (which picks
+at::vec's implementation) and ``WAVG_EXT_CPU_<namespace>``, into objects of its own. ``capability.cpp`` picks
 the best copy the running CPU supports when wavg_ext is imported; the environment
-variable ``WAVG_EXT_CPU_CAPABILITY=default|avx2|avx512`` forces a lower one.
+variable ``WAVG_EXT_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16`` forces a lower one.
 
 Run as a script (CMake does): ``python capabilities.py OUT_DIR [NAMES]`` writes the
 run-time detection header into OUT_DIR and prints ``baseline FILE...``,
@@ -24,16 +24,21 @@ from typing import List, NamedTuple, Sequence, Tuple
 
 class Capability(NamedTuple):
     name: str  # WAVG_EXT_CPU_CAPABILITY value, build_info()["cpu_capability"]
-    aten: str  # ATen's CPU_CAPABILITY: the at::vec implementation and the namespace
+    aten: str  # ATen's CPU_CAPABILITY: the namespace of the copy
     features: Tuple[str, ...]  # GCC target features = __builtin_cpu_supports names
+    vec: str = ""  # the at::vec implementation (CPU_CAPABILITY_<vec>) when not `aten`'s own
 
 
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")
 # Lowest first. The features are what ATen's Vectorized of that ISA uses (AVX2: FMA and
-# F16C for the float16 conversions too), all checked at run time.
+# F16C for the float16 conversions too), all checked at run time. avx512_bf16 is the
+# AVX512 copy with AVX512-BF16's dot instruction (vdpbf16ps) in the bfloat16 x bfloat16
+# Gram blocks of the basis ops (rows_cpu.cpp); ATen's vectors stay AVX512's.
 CAPABILITIES = (
     Capability("default", "DEFAULT", ()),
     Capability("avx2", "AVX2", ("avx2", "fma", "f16c")),
-    Capability("avx512", "AVX512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")),
+    Capability("avx512", "AVX512", _AVX512),
+    Capability("avx512_bf16", "AVX512_BF16", _AVX512 + ("avx512bf16",), vec="AVX512"),
 )
 BY_NAME = {c.name: c for c in CAPABILITIES}
 HEADER = "wavg_ext_cpu_capabilities.h"
@@ -76,7 +81,9 @@ def baseline_sources(csrc: str) -> List[str]:
 
 def compile_flags(cap: Capability) -> List[str]:
     """The compiler flags of one ISA's copy of the kernels (GCC and Clang)."""
-    return [f"-m{f}" for f in cap.features] + [f"-DCPU_CAPABILITY={cap.aten}", f"-DCPU_CAPABILITY_{cap.aten}"]
+    return [f"-m{f}" for f in cap.features] + [f"-DCPU_CAPABILITY={cap.aten}",
+                                               f"-DCPU_CAPABILITY_{cap.vec or cap.aten}",
+                                               f"-DWAVG_EXT_CPU_{cap.aten}"]
 
 
 def _header(caps: Sequence[Capability]) -> str:

@@ -1,6 +1,6 @@
 // The CPU kernels of one vector ISA as a table of function pointers. The kernel
 // sources (csrc/cpu/*_cpu.cpp) are compiled once per ISA of capabilities.py, each
-// copy in its own namespace (cpu::DEFAULT, cpu::AVX2, cpu::AVX512, as ATen's
+// copy in its own namespace (cpu::DEFAULT, cpu::AVX2, cpu::AVX512, cpu::AVX512_BF16, as ATen's
 // CPU_CAPABILITY); capability.cpp picks the best table the running CPU supports at
 // import (WAVG_EXT_CPU_CAPABILITY can force a lower one), as ATen's DispatchStub does.
 // ISA-neutral: included by the baseline code that calls the kernels.

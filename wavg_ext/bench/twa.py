@@ -17,7 +17,9 @@ twice and written once, 4-byte elements); dots and combine_: (k·s + 4)·D.
 
 Orthonormalization case: n random-walk snapshots (each = previous + small noise, like SGD
 checkpoints) of D parameters: ``orthonormalize_many_`` (block CGS2 + Cholesky-QR2),
-n sequential ``orthonormalize_`` calls (CGS2), and ``torch.linalg.qr`` of the [D, n] matrix.
+n sequential ``orthonormalize_`` calls (CGS2), and ``torch.linalg.qr`` of the [D, n] matrix;
+``orthonormalize_many_`` on a bfloat16 basis too (on the CPU under the ``avx512`` and
+``avx512_bf16`` kernels side by side: float32 widening vs ``vdpbf16ps`` in the Gram blocks).
 
 From-checkpoints case: n random-walk checkpoints saved with ``torch.save`` (read from the
 page cache): ``TWA.from_checkpoints`` end to end (check every checkpoint, load them into
@@ -28,6 +30,7 @@ each alone (reading each checkpoint once: part of the floor).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -38,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import ops
+from .. import ops, testing
 from . import common
 
 
@@ -230,7 +233,12 @@ def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[d
         start = 0
         for bb in basis:
             m = bb[0].numel()
-            bb.view(case.n, m).copy_(snaps[:, start:start + m])
+            block = snaps[:, start:start + m]
+            if bb.dtype == torch.bfloat16:
+                # steps 30x larger (0.3 of the weights), so that rounding to bfloat16
+                # (4e-3 relative) keeps every snapshot a new direction
+                block = block[:1] + 30 * (block - block[:1])
+            bb.view(case.n, m).copy_(block)
             start += m
 
     rows: List[dict] = []
@@ -265,6 +273,24 @@ def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[d
 
     timed("orthonormalize_many_", batch, "block CGS2 + Cholesky-QR2 (CGS2 fallback)", basis_orthogonality)
     rows[-1]["note"] += f"; took the {info['method']} path"
+
+    # A bfloat16 basis. On the CPU under each ISA from avx512 up: avx512_bf16 computes the
+    # Gram blocks with vdpbf16ps, avx512 widens to float32 first.
+    fp32_basis = basis
+    basis = ops.new_basis([torch.empty(s, device=device) for s in shapes], case.n, dtype=torch.bfloat16)
+    isas: List[Optional[str]] = [None]
+    if device.type == "cpu":
+        supported = testing.supported_cpu_capabilities()
+        isas = [i for i in ("avx512", "avx512_bf16") if i in supported] or [None]
+    for isa in isas:
+        def batch_bf16(isa=isa):
+            with testing.cpu_capability(isa) if isa else contextlib.nullcontext():
+                info["method"] = ops.orthonormalize_many_(basis, 0, case.n).method
+
+        timed("orthonormalize_many_ bf16" + (f" [{isa}]" if isa else ""), batch_bf16,
+              "bfloat16 basis, random-walk steps of 0.3", basis_orthogonality)
+        rows[-1]["note"] += f"; took the {info['method']} path"
+    basis = fp32_basis
 
     def sequential():
         for j in range(case.n):
@@ -378,8 +404,8 @@ def format_case(case, rows: List[dict]) -> str:
             lines.append(f"  {r['method']:<24}{r['median_ms']:>10.1f}{r['speedup_vs_qr']:>8.2f}x  {r['note']}")
         return "\n".join(lines)
     head = f"{case.id}: n = {case.n} random-walk snapshots of D = {case.numel():,} parameters (fp32)"
-    lines = [head, f"  {'method':<22}{'ms':>10}{'max|QtQ-I|':>12}{'vs qr':>9}  note"]
+    lines = [head, f"  {'method':<40}{'ms':>10}{'max|QtQ-I|':>12}{'vs qr':>9}  note"]
     for r in rows:
-        lines.append(f"  {r['method']:<22}{r['median_ms']:>10.1f}{r['orthogonality']:>12.2e}"
+        lines.append(f"  {r['method']:<40}{r['median_ms']:>10.1f}{r['orthogonality']:>12.2e}"
                      f"{r['speedup_vs_qr']:>8.2f}x  {r['note']}")
     return "\n".join(lines)
