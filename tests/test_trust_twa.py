@@ -360,12 +360,24 @@ class ReadOnce(Mapping):
 
 @pytest.mark.parametrize("init", ["mean", "current"])
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
-def test_from_checkpoints_failing_after_writing_restores_model_and_optimizer(h, init, storage):
+def test_from_checkpoints_failing_after_writing_restores_model_and_optimizer(h, init, storage, monkeypatch):
     sds = checkpoints(h, 3)
     model, base = target(h)
     snap = Snapshot(model, base=base)
-    with pytest.raises(OSError, match="read error on '0.weight'"):  # checkpoint 0 is already written by then
-        TWA.from_checkpoints(model, base, [sds[0], sds[1], ReadOnce(sds[2])], init=init, storage_dtype=storage)
+    if storage == torch.bfloat16:  # checked in one pass, loaded in a second: a second read can fail
+        with pytest.raises(OSError, match="read error on '0.weight'"):  # checkpoint 0 is already written by then
+            TWA.from_checkpoints(model, base, [sds[0], sds[1], ReadOnce(sds[2])], init=init, storage_dtype=storage)
+    else:  # each checkpoint is read once; what can fail after writing is the start of the subspace
+        start = TWA.start_subspace
+
+        def start_then_fail(self, *args):
+            start(self, *args)
+            raise OSError("read error on '0.weight'")
+
+        monkeypatch.setattr(TWA, "start_subspace", start_then_fail)
+        with pytest.raises(OSError, match="read error on '0.weight'"):
+            TWA.from_checkpoints(model, base, [sds[0], sds[1], ReadOnce(sds[2])], init=init, storage_dtype=storage)
+        monkeypatch.undo()
     snap.check()
     # The same model and optimizer still work, as if the failed call never happened.
     twin, twin_base = target(h)
@@ -374,6 +386,42 @@ def test_from_checkpoints_failing_after_writing_restores_model_and_optimizer(h, 
     assert (twa.num_basis, twa.num_samples) == (3, 3) and len(base.state) == 0
     for a, b in zip(model.parameters(), twin.parameters()):
         h.assert_bits_equal(a, b, "after the failed call")
+
+
+def test_from_checkpoints_reads_each_checkpoint_once(h):
+    """A float32 basis: names, shapes and values are checked on the one read that loads the
+    checkpoint into its basis row."""
+    sds = checkpoints(h, 3)
+    model, base = target(h)
+    twin, twin_base = target(h)
+    once = [ReadOnce(sd) for sd in sds]
+    twa = TWA.from_checkpoints(model, base, once)
+    ref = TWA.from_checkpoints(twin, twin_base, sds)
+    assert all(set(r.reads.values()) == {1} for r in once)
+    assert (twa.num_basis, twa.num_samples) == (ref.num_basis, ref.num_samples) == (3, 3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        h.assert_bits_equal(a, b, "read once")
+
+
+def test_from_checkpoints_float64_beyond_the_float32_basis(h):
+    """A float64 checkpoint value that a float32 basis cannot hold is refused as non-finite,
+    naming the entry (or dropped with skip_nonfinite=True)."""
+    sds = checkpoints(h, 3)
+    big = {k: v.double() for k, v in sds[1].items()}
+    big["0.bias"] = big["0.bias"].clone()
+    big["0.bias"][0] = 1e300
+    model, base = target(h)
+    snap = Snapshot(model, base=base)
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]: '0.bias' holds values beyond the range of the "
+                                         r"basis' torch.float32"):
+        TWA.from_checkpoints(model, base, [sds[0], big, sds[2]])
+    snap.check()
+    with pytest.warns(NonFiniteSampleWarning, match=r"checkpoints\[1\]: '0.bias' holds values beyond"):
+        twa = TWA.from_checkpoints(model, base, [sds[0], big, sds[2]], skip_nonfinite=True)
+    assert (twa.num_basis, twa.num_samples) == (2, 2)
+    expected = (flat(sds[0].values()) + flat(sds[2].values())) / 2
+    got = flat(model.parameters())
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
 
 
 def test_from_checkpoints_rejects_tensors_without_data(h):

@@ -533,21 +533,28 @@ class TWA(_WrappedOptimizer):
         optimizer's parameters are found in each checkpoint by their names in
         ``model.named_parameters()``; other entries (buffers, optimizer state) are ignored.
 
-        Every checkpoint is checked (names, shapes, finite values) before anything is
-        written, so a bad one raises ValueError/TypeError and leaves the model untouched; a
-        checkpoint holding NaN/inf is dropped with a :class:`NonFiniteSampleWarning` instead
-        with ``skip_nonfinite=True`` (it does not count towards the mean). Should loading
-        still fail later (a file that cannot be read again), the parameters and the base
-        optimizer are restored from a copy taken before (one model-sized buffer). The n snapshots
-        are then written into basis rows [0, n) and orthonormalized together
-        (:func:`wavg_ext.ops.orthonormalize_many_`; with a bfloat16 basis, one by one in
-        float32 as ``collect()`` does). Checkpoints that add no new direction are dropped
+        Every checkpoint is checked (names, shapes, finite values) before the model or the
+        optimizer is written, so a bad one raises ValueError/TypeError and leaves them
+        untouched; a checkpoint holding NaN/inf (or, for a float32 basis, float64 values
+        beyond float32's range) is dropped with a :class:`NonFiniteSampleWarning` instead
+        with ``skip_nonfinite=True`` (it does not count towards the mean). Should a later
+        step fail, the parameters and the base optimizer are restored from a copy taken
+        before (one model-sized buffer). Checkpoints that add no new direction are dropped
         with a :class:`RankDeficientSampleWarning`. ``init="mean"`` starts from the mean of
-        all checkpoints (accumulated in the parameters while loading); ``init="current"``
-        from the model's weights projected onto the span (e.g. the pretrained model of the
-        paper's ImageNet runs; this needs one temporary model-sized buffer for the mean).
-        ``capacity`` defaults to ``len(checkpoints)``. BatchNorm statistics are not loaded:
-        run :func:`wavg_ext.update_bn`.
+        all checkpoints (projected onto their span); ``init="current"`` from the model's
+        weights projected onto the span (e.g. the pretrained model of the paper's ImageNet
+        runs). ``capacity`` defaults to ``len(checkpoints)``. BatchNorm statistics are not
+        loaded: run :func:`wavg_ext.update_bn`.
+
+        With a float32 or float64 basis (not sharded), each checkpoint is read once: its
+        entries are checked, copied into the next basis row and the row checked for NaN/inf;
+        then the mean is taken from the rows (into one temporary model-sized buffer) and the
+        rows are orthonormalized together (:func:`wavg_ext.ops.orthonormalize_many_`). Peak
+        memory: the basis, the mean and one checkpoint (files are memory-mapped on the CPU:
+        read in place from the page cache). With a bfloat16 basis (orthonormalized one by
+        one in float32 as ``collect()`` does) or an FSDP2-sharded model, every checkpoint is
+        checked in a first pass and loaded in a second (a file that can no longer be read
+        then restores the model and optimizer).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -572,6 +579,24 @@ class TWA(_WrappedOptimizer):
         strangers = [i for i, name in enumerate(names) if name is None]
         if strangers:
             raise ValueError(f"optimizer parameter(s) {strangers[:5]} are not parameters of model")
+        if not twa._bf16 and not twa._vectors.is_sharded:
+            # One read per checkpoint, straight into the basis (not yet anyone's state).
+            n_kept, skipped = twa._load_rows(checkpoints, names, skip_nonfinite)
+            mean = twa._mean_of_rows(n_kept)  # before orthonormalizing overwrites the rows
+            dropped = twa._orthonormalize_rows(n_kept, mean)
+            del mean
+            for msg in skipped:  # (a call that fails warns of nothing)
+                warnings.warn(f"{msg}; dropped (not counted in the mean)", NonFiniteSampleWarning, stacklevel=2)
+            if dropped:
+                warnings.warn(dropped, RankDeficientSampleWarning, stacklevel=2)
+            weights_before = [w.clone() for w in twa._weights()]
+            base_before = copy.deepcopy(optimizer.state_dict())
+            try:
+                twa.start_subspace(init, reset_optimizer_state)
+            except BaseException:
+                twa._restore(weights_before, base_before)
+                raise
+            return twa
         kept, skipped, nonzero = [], [], False
         for i, ckpt in enumerate(checkpoints):  # everything checked before anything is written
             try:
@@ -597,20 +622,93 @@ class TWA(_WrappedOptimizer):
             twa._load_checkpoints(kept, names, init)
             twa.start_subspace(init, reset_optimizer_state)
         except BaseException:
-            with torch.no_grad():
-                for w, saved in zip(twa._weights(), weights_before):
-                    w.copy_(saved)
-            optimizer.load_state_dict(base_before)
+            twa._restore(weights_before, base_before)
             raise
         return twa
 
+    @torch.no_grad()
+    def _restore(self, weights_before: Sequence[torch.Tensor], base_before: dict) -> None:
+        for w, saved in zip(self._weights(), weights_before):
+            w.copy_(saved)
+        self.optimizer.load_state_dict(base_before)
+
+    @torch.no_grad()
+    def _load_rows(self, checkpoints: Sequence[Checkpoint], names: Sequence[str],
+                   skip_nonfinite: bool) -> Tuple[int, List[str]]:
+        """Checks every checkpoint and copies the kept ones into basis rows [0, n_kept),
+        reading each once: names, shapes and layouts from its entries, then a fused copy
+        into the next row and a fused NaN/inf check of that row (which also catches float64
+        values beyond float32's range). Only the basis is written (a bad checkpoint raises
+        before the user's model or optimizer is touched). Returns (n_kept, the skipped ones'
+        messages)."""
+        n_kept, skipped = 0, []
+        for i, ckpt in enumerate(checkpoints):
+            tensors = self._read_checkpoint(ckpt, i, names, check_only=True, check_values=False)
+            rows = [b[n_kept] for b in self._basis]
+            ops.scale_copy_(rows, [t.to(device=r.device, dtype=r.dtype) for t, r in zip(tensors, rows)], 1.0)
+            if int(ops.nonfinite_flag(rows)):
+                msg = self._nonfinite_message(self._where(ckpt, i), names, tensors, rows)
+                for r in rows:
+                    r.zero_()  # (a later checkpoint may not overwrite it)
+                if not skip_nonfinite:
+                    raise ValueError(f"{msg} (skip_nonfinite=True drops such checkpoints with a warning)")
+                skipped.append(msg)
+                continue
+            n_kept += 1
+        if n_kept == 0:
+            raise ValueError(f"every checkpoint ({len(checkpoints)}) holds NaN/inf values: there is nothing to "
+                             "average")
+        return n_kept, skipped
+
+    @staticmethod
+    def _nonfinite_message(where: str, names: Sequence[str], tensors: Sequence[torch.Tensor],
+                           rows: Sequence[torch.Tensor]) -> str:
+        for name, t, r in zip(names, tensors, rows):
+            if not bool(torch.isfinite(r).all()):
+                if bool(torch.isfinite(t).all()):
+                    return f"{where}: '{name}' holds values beyond the range of the basis' {r.dtype}"
+                return f"{where}: '{name}' holds {_nonfinite_kind(t)}"
+        return f"{where} holds NaN/inf"  # (not reached: the flag came from these rows)
+
+    @torch.no_grad()
+    def _mean_of_rows(self, n: int) -> List[torch.Tensor]:
+        """The mean of basis rows [0, n) in fresh tensors of the basis' dtype: one read of the rows."""
+        mean = [torch.empty_like(b[0]) for b in self._basis]
+        coeffs = torch.full((n,), 1.0 / n, dtype=torch.float64, device=self._basis[0].device)
+        ops.combine_(mean, self._basis, coeffs, 1.0, 0.0)
+        return mean
+
+    @torch.no_grad()
+    def _orthonormalize_rows(self, n: int, mean: Sequence[torch.Tensor]) -> str:
+        """Orthonormalizes basis rows [0, n) (the n kept checkpoints) and records the sum of
+        their coefficients (n times the mean's); raises ValueError when none is left.
+        Returns the warning for rows dropped as adding no new direction ("" if none)."""
+        res = ops.orthonormalize_many_(self._basis, 0, n, rtol=self.rtol, vectors=self._vectors)
+        if res.accepted == 0:
+            if bool((res.residuals == 0).all()):
+                raise ValueError("every checkpoint's parameters are zero: there is no subspace to train in")
+            raise ValueError("every checkpoint's parameters are zero or too small to normalize: there is no "
+                             "subspace to train in")
+        self._k = res.accepted
+        self._num_samples = n
+        self._coef_sum[: self._k] = n * self._vectors.dots(self._basis, mean, self._k).double().cpu()
+        self._scratch = None
+        if res.accepted == n:
+            return ""
+        return (f"{n - res.accepted} of {n} checkpoints add no new direction (relative residual <= rtol "
+                f"{self.rtol:g}) and were dropped; the basis has {res.accepted} vectors")
+
+    @staticmethod
+    def _where(ckpt: Checkpoint, i: int) -> str:
+        return f"checkpoints[{i}]" + (f" ({os.fspath(ckpt)})" if isinstance(ckpt, (str, os.PathLike)) else "")
+
     def _read_checkpoint(self, ckpt: Checkpoint, i: int, names: Sequence[str],
-                         check_only: bool = False) -> List[torch.Tensor]:
+                         check_only: bool = False, check_values: bool = True) -> List[torch.Tensor]:
         """The parameters' tensors in checkpoint i, in parameter order (ValueError/TypeError
-        naming the checkpoint and key for anything missing or mismatched)."""
-        where = f"checkpoints[{i}]"
+        naming the checkpoint and key for anything missing or mismatched; with check_only,
+        also non-dense tensors and, with check_values, NaN/inf)."""
+        where = self._where(ckpt, i)
         if isinstance(ckpt, (str, os.PathLike)):
-            where += f" ({os.fspath(ckpt)})"
             # Memory-mapped on the CPU: only what is read is loaded, and read in place from the
             # page cache (for CPU parameters also when loading: no copy into fresh memory).
             if check_only or self._params[0].device.type == "cpu":
@@ -649,7 +747,7 @@ class TWA(_WrappedOptimizer):
             raise ValueError(f"{where} has no parameter(s) {missing[:5]}"
                              f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}; "
                              f"its keys begin {list(obj)[:3]}")
-        if check_only:  # after the names and shapes: those errors come first
+        if check_only and check_values:  # after the names and shapes: those errors come first
             # One fused, threaded pass over the whole checkpoint (ops.nonfinite_flag) instead
             # of a bool tensor per parameter; the per-tensor search only names a bad one.
             fused = all(t.dtype in ops.FLOAT_DTYPES for t in out)  # (others: torch.isfinite)
