@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["ModelEMA", "ema_decay"]
+__all__ = ["ModelEMA", "ema_decay", "scheduled_decay", "WARMUPS"]
 
 _FLOATS = ops.FLOAT_DTYPES
 Decay = Union[float, Callable[[int], float]]
@@ -49,15 +49,31 @@ def _check_unit(name: str, value: Any) -> float:
     return float(value)
 
 
-def ema_decay(step: int, decay: float, min_decay: float = 0.0, update_after_step: int = 0, warmup: bool = False,
-              inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
+WARMUPS = ("none", "inv_gamma", "ratio")
+
+
+def ema_decay(step: int, decay: float, min_decay: float = 0.0, update_after_step: int = 0,
+              warmup: Union[bool, str] = False, inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
     """The decay of the EMA update at optimizer step ``step`` (see the module docstring):
     0 (a copy) up to ``update_after_step + 1``, then ``decay`` or the warmup form, within
-    ``[min_decay, decay]``."""
-    s = step - update_after_step - 1
+    ``[min_decay, decay]``. ``warmup``: ``"inv_gamma"`` (or True) ``1 - (1 + s / inv_gamma)
+    ** -power``, ``"ratio"`` ``(1 + s) / (10 + s)``, ``"none"`` (or False) ``decay``."""
+    return scheduled_decay(step - update_after_step - 1, decay, min_decay, warmup, inv_gamma, power)
+
+
+def scheduled_decay(s: int, decay: float, min_decay: float = 0.0, warmup: Union[bool, str] = False,
+                    inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
+    """The decay of the update that follows ``s`` updates after ``update_after_step + 1``
+    (0, a copy, for ``s <= 0``): ema_decay's schedule counted in updates."""
     if s <= 0:
         return 0.0
-    d = 1.0 - (1.0 + s / inv_gamma) ** -power if warmup else decay
+    kind = ("inv_gamma" if warmup else "none") if isinstance(warmup, bool) else warmup
+    if kind == "inv_gamma":
+        d = 1.0 - (1.0 + s / inv_gamma) ** -power
+    elif kind == "ratio":
+        d = (1.0 + s) / (10.0 + s)
+    else:
+        d = decay
     return max(min(d, decay), min_decay)
 
 

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..distributed import is_dtensor, like_param, local_tensor
+from ..model_ema import WARMUPS, scheduled_decay
 from .wrapper import _check_fraction, _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
 __all__ = ["WeightAveraging", "SWA", "EMA", "PSWA", "PWALKS", "PSWM", "PeriodicSWA"]
@@ -547,6 +548,7 @@ class WeightAveraging(_WrappedOptimizer):
         again at the next step. An exception from ``on_assign`` propagates only after the
         period end's bookkeeping (reset, counters, the next period's first sample) is done."""
         deferred: Optional[BaseException] = None
+        self._position = position
         if not self._finished and position >= self.start:
             if self._is_sample(position):
                 self._sample()
@@ -591,25 +593,31 @@ class WeightAveraging(_WrappedOptimizer):
             self._sample()
         return deferred
 
+    def _momentum_now(self) -> Optional[float]:
+        """The EMA weight of the sample at ``self._position`` (rule "momentum"; 1.0: a copy)."""
+        return self.momentum
+
     def _sample(self) -> None:
         n = self._num
+        m = self._momentum_now() if self.rule == "momentum" else None
+        copy = n == 0 or m == 1.0  # the first sample of an average, or a schedule's copy
         if self.skip_nonfinite:
-            self._sample_gated()
+            self._sample_gated(m)
         elif self.compensated:
-            op, scalar = ("running_mean_compensated_", n) if n == 0 or self.rule == "mean" else \
-                ("ema_compensated_", self.momentum)
+            op, scalar = ("running_mean_compensated_", 0 if copy else n) if copy or self.rule == "mean" else \
+                ("ema_compensated_", m)
             self._run_ops(op, scalar, lambda avgs, srcs, comps, _: (avgs, comps, srcs), planned=True)
-        elif n == 0:
+        elif copy:
             self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
         elif self.rule == "mean":
             self._run_ops("running_mean_", n, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
         else:
-            self._run_ops("ema_", self.momentum, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
+            self._run_ops("ema_", m, lambda avgs, srcs, comps, _: (avgs, srcs), planned=True)
         if self._int_slots and not self.skip_nonfinite:
             torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
         self._num = n + 1
 
-    def _sample_gated(self) -> None:
+    def _sample_gated(self, momentum: Optional[float]) -> None:
         """A sample under ``skip_nonfinite``, with no host sync: one fused NaN/inf check per
         device sets a flag; the updates take their scalar as a device tensor that is NaN (the
         ops' gate: outputs untouched) when any device's flag is set, and the per-device
@@ -640,12 +648,13 @@ class WeightAveraging(_WrappedOptimizer):
         else:
             # The first sample of an average is copied (count 0), later ones are EMA updates:
             # two gated calls, one of which does nothing.
-            first = [c == 0 for c, _ in counts]
+            # A schedule's copy (momentum 1) is a first sample on every device.
+            first = [(c == 0) | (momentum == 1.0) for c, _ in counts]
             self._run_ops(mean_op, 0.0, pick,
                           scalars=gate([b | ~f for b, f in zip(bad, first)], lambda c: torch.zeros_like(c)), planned=True)
-            self._run_ops("ema_compensated_" if comp else "ema_", self.momentum, pick,
+            self._run_ops("ema_compensated_" if comp else "ema_", momentum, pick,
                           scalars=gate([b | f for b, f in zip(bad, first)],
-                                       lambda c: torch.full_like(c, self.momentum)), planned=True)
+                                       lambda c: torch.full_like(c, momentum)), planned=True)
         with torch.no_grad():
             for b, (count, skipped) in zip(bad, counts):
                 count.add_((~b).to(count.dtype))
@@ -990,24 +999,99 @@ class SWA(WeightAveraging):
 
 
 class EMA(WeightAveraging):
-    """Exponential moving average: avg <- decay·avg + (1 − decay)·w at positions ``start, start+every, ...``.
+    """Exponential moving average: avg <- d·avg + (1 − d)·w at positions ``start, start+every, ...``.
 
     The first sample is copied (as ``AveragedModel`` with ``get_ema_multi_avg_fn`` does).
+    ``decay`` (default 0.999) is d, or ``half_life=h`` (in steps, exclusive with ``decay``)
+    sets d = 0.5^(every/h): a sample's weight halves every h steps.
+
+    A schedule (diffusers', timm's and ema-pytorch's), with t the number of samples taken
+    after step ``update_after_step`` before this one:
+
+    - samples at steps <= ``update_after_step``, and the first one after it (t = 0), copy
+      the weights (d = 0);
+    - ``warmup="inv_gamma"``: d_t = 1 − (1 + t/inv_gamma)^−power; ``warmup="ratio"``:
+      d_t = (1 + t)/(10 + t); ``warmup="none"``: d_t = d;
+    - clamped to [min_decay, d].
+
+    The decay is computed on the host from the step count (no sync, resumes exactly from
+    a checkpoint); ``current_decay`` is the last sample's (0.0 for one that started an
+    average; under ``skip_nonfinite``, the schedule's value even where every earlier
+    sample was skipped and the update was a copy). Without a schedule (the defaults)
+    every sample after the first uses d.
     """
 
     method = "EMA"
 
-    def __init__(self, optimizer: Optimizer, decay: float = 0.999, every: int = 1, start: int = 0, *,
+    def __init__(self, optimizer: Optimizer, decay: Optional[float] = None, every: int = 1, start: int = 0, *,
+                 warmup: str = "none", inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0,
+                 update_after_step: int = 0, half_life: Optional[float] = None,
                  module: Optional[nn.Module] = None, average_buffers: bool = False,
                  average_dtype: Optional[torch.dtype] = None,
                  compensated: bool = False, skip_nonfinite: bool = False) -> None:
+        every = _check_int("every", every, 1)
+        if half_life is not None:
+            if decay is not None:
+                raise ValueError("decay and half_life are exclusive: pass one of them")
+            half_life = _check_real("half_life", half_life)
+            if half_life <= 0.0:
+                raise ValueError(f"half_life must be > 0 (steps), got {half_life}")
+            decay = 0.5 ** (every / half_life)
+        elif decay is None:
+            decay = 0.999
         decay = _check_real("decay", decay)
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+            raise ValueError(f"decay must be in [0, 1), got {decay}"
+                             + (f" (half_life {half_life} with every={every})" if half_life is not None else ""))
+        if warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {', '.join(map(repr, WARMUPS))}, got {warmup!r}")
+        for name, v in (("inv_gamma", inv_gamma), ("power", power)):
+            if _check_real(name, v) <= 0.0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        min_decay = _check_real("min_decay", min_decay)
+        if not 0.0 <= min_decay <= decay:
+            raise ValueError(f"min_decay must be in [0, decay = {decay}], got {min_decay}")
+        update_after_step = _check_int("update_after_step", update_after_step, 0)
         self.decay = decay
+        self.half_life = half_life
+        self.warmup = warmup
+        self.inv_gamma = float(inv_gamma)
+        self.power = float(power)
+        self.min_decay = min_decay
+        self.update_after_step = update_after_step
+        self.current_decay: Optional[float] = None
+        self._scheduled = warmup != "none" or update_after_step > 0
         super().__init__(optimizer, rule="momentum", momentum=1.0 - decay, start=start, every=every,
                          module=module, average_buffers=average_buffers, average_dtype=average_dtype,
                          compensated=compensated, skip_nonfinite=skip_nonfinite)
+
+    def decay_at(self, position: int) -> float:
+        """The decay of a sample taken after ``position`` base steps (a sampled position)."""
+        if not self._scheduled:
+            return self.decay
+        u = self.update_after_step
+        if position <= u:
+            return 0.0
+        # the first sampled position after u, and the samples since
+        first = self.start if self.start > u else self.start + ((u - self.start) // self.every + 1) * self.every
+        t = (position - first) // self.every
+        return scheduled_decay(t, self.decay, self.min_decay, self.warmup, self.inv_gamma, self.power)
+
+    def _momentum_now(self) -> float:
+        self._decay_now = self.decay_at(self._position)
+        return 1.0 - self._decay_now
+
+    def _sample(self) -> None:
+        first = self._num == 0
+        super()._sample()
+        self.current_decay = 0.0 if first else self._decay_now
+
+    def _config(self) -> Dict[str, Any]:
+        cfg = super()._config()
+        if self._scheduled:  # (only when on: checkpoints of EMAs without a schedule keep loading)
+            cfg.update(warmup=self.warmup, inv_gamma=self.inv_gamma, power=self.power, min_decay=self.min_decay,
+                       update_after_step=self.update_after_step)
+        return cfg
 
 
 class PSWA(WeightAveraging):
