@@ -221,3 +221,33 @@ def test_matches_diffusers_ema_model(warmup):
         assert ours.current_decay == pytest.approx(theirs.cur_decay_value, rel=1e-12, abs=0)
         for a, b in zip(ours.averaged_parameters(), theirs.shadow_params):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_switch_ema_copies_the_average_into_the_model_every_n_steps():
+    """update_model_every=N: after the sample of every N-th step the model holds the
+    average (float64 reference: the same loop written out), training continues from it."""
+    model, opt = model_and_opt()
+    ref_model = copy.deepcopy(model)
+    ema = EMA(opt, decay=0.8, update_model_every=3)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(6)
+    avg = [p.detach().clone() for p in ref_model.parameters()]  # position 0: a copy
+    for step in range(1, 10):
+        x = torch.randn(16, 5, generator=g)
+        for m, o in ((model, ema), (ref_model, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+        with torch.no_grad():
+            avg = [0.8 * a + 0.2 * p for a, p in zip(avg, ref_model.parameters())]
+            if step % 3 == 0:
+                for p, a in zip(ref_model.parameters(), avg):
+                    p.copy_(a)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        if step % 3 == 0:
+            for p, a in zip(model.parameters(), ema.averaged_parameters()):
+                assert torch.equal(p, a)
+    with pytest.raises(ValueError, match="update_model_every must be >= 1"):
+        EMA(model_and_opt()[1], update_model_every=0)
+    assert ema._config()["update_model_every"] == 3

@@ -555,6 +555,7 @@ class WeightAveraging(_WrappedOptimizer):
             rel = position - self.start
             if self.period is not None and rel > 0 and rel % self.period == 0:
                 deferred = self._period_end()
+            self._position_done(position)
         self._processed = position
         if deferred is not None:
             raise deferred
@@ -564,18 +565,8 @@ class WeightAveraging(_WrappedOptimizer):
         resets and counts the period; returns ``on_assign``'s exception, if any, for
         :meth:`_run_position` to raise once this bookkeeping is complete."""
         deferred: Optional[BaseException] = None
-        if self.assign and self.skip_nonfinite:
-            # A period whose samples were all skipped has no average to assign: gated on the
-            # device counter (no host sync).
-            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (srcs, avgs),
-                          scalars=lambda me: [torch.where(me._device_counts[s[0].device][0] == 0, float("nan"), 1.0)
-                                              .to(torch.float64) for _, s, _ in me._groups])
-            with torch.no_grad():
-                for buf, avg in zip(self._int_buffers_seen, self._int_averages):
-                    count = self._device_counts.get(buf.device, next(iter(self._device_counts.values())))[0]
-                    buf.copy_(torch.where(count.to(buf.device) == 0, buf, avg))
-        elif self.assign:
-            self._write_model(self._averages, self._int_averages)
+        if self.assign:
+            self._assign_average()
         if self.reset_optimizer_state:
             self.optimizer.state.clear()
         if self.assign and self.on_assign is not None:
@@ -592,6 +583,24 @@ class WeightAveraging(_WrappedOptimizer):
         if self.include_period_start:
             self._sample()
         return deferred
+
+    def _position_done(self, position: int) -> None:
+        """Runs after a position's sample and period end (EMA's update_model_every)."""
+
+    def _assign_average(self) -> None:
+        """Writes the current average into the model's tensors (nothing when it holds no sample)."""
+        if self.skip_nonfinite:
+            # An average whose samples were all skipped is not assigned: gated on the device
+            # counter (no host sync).
+            self._run_ops("scale_copy_", 1.0, lambda avgs, srcs, comps, _: (srcs, avgs),
+                          scalars=lambda me: [torch.where(me._device_counts[s[0].device][0] == 0, float("nan"), 1.0)
+                                              .to(torch.float64) for _, s, _ in me._groups])
+            with torch.no_grad():
+                for buf, avg in zip(self._int_buffers_seen, self._int_averages):
+                    count = self._device_counts.get(buf.device, next(iter(self._device_counts.values())))[0]
+                    buf.copy_(torch.where(count.to(buf.device) == 0, buf, avg))
+        elif self._num > 0:
+            self._write_model(self._averages, self._int_averages)
 
     def _momentum_now(self) -> Optional[float]:
         """The EMA weight of the sample at ``self._position`` (rule "momentum"; 1.0: a copy)."""
@@ -1014,6 +1023,10 @@ class EMA(WeightAveraging):
       d_t = (1 + t)/(10 + t); ``warmup="none"``: d_t = d;
     - clamped to [min_decay, d].
 
+    ``update_model_every=N`` (Switch EMA, Li et al. 2024): every N steps after ``start``
+    the model's weights are set to the average (after that position's sample), and
+    training goes on from there.
+
     The decay is computed on the host from the step count (no sync, resumes exactly from
     a checkpoint); ``current_decay`` is the last sample's (0.0 for one that started an
     average; under ``skip_nonfinite``, the schedule's value even where every earlier
@@ -1026,6 +1039,7 @@ class EMA(WeightAveraging):
     def __init__(self, optimizer: Optimizer, decay: Optional[float] = None, every: int = 1, start: int = 0, *,
                  warmup: str = "none", inv_gamma: float = 1.0, power: float = 2 / 3, min_decay: float = 0.0,
                  update_after_step: int = 0, half_life: Optional[float] = None,
+                 update_model_every: Optional[int] = None,
                  module: Optional[nn.Module] = None, average_buffers: bool = False,
                  average_dtype: Optional[torch.dtype] = None,
                  compensated: bool = False, skip_nonfinite: bool = False) -> None:
@@ -1052,6 +1066,9 @@ class EMA(WeightAveraging):
         if not 0.0 <= min_decay <= decay:
             raise ValueError(f"min_decay must be in [0, decay = {decay}], got {min_decay}")
         update_after_step = _check_int("update_after_step", update_after_step, 0)
+        if update_model_every is not None:
+            update_model_every = _check_int("update_model_every", update_model_every, 1)
+        self.update_model_every = update_model_every
         self.decay = decay
         self.half_life = half_life
         self.warmup = warmup
@@ -1086,11 +1103,20 @@ class EMA(WeightAveraging):
         super()._sample()
         self.current_decay = 0.0 if first else self._decay_now
 
+    def _position_done(self, position: int) -> None:
+        # Switch EMA: every update_model_every steps (after start) the model takes the average.
+        n = self.update_model_every
+        if n is not None and position > self.start and (position - self.start) % n == 0:
+            self._assign_average()
+
     def _config(self) -> Dict[str, Any]:
         cfg = super()._config()
-        if self._scheduled:  # (only when on: checkpoints of EMAs without a schedule keep loading)
+        # (only when on: checkpoints of EMAs without them keep loading)
+        if self._scheduled:
             cfg.update(warmup=self.warmup, inv_gamma=self.inv_gamma, power=self.power, min_decay=self.min_decay,
                        update_after_step=self.update_after_step)
+        if self.update_model_every is not None:
+            cfg["update_model_every"] = self.update_model_every
         return cfg
 
 
