@@ -86,6 +86,7 @@ from . import ops  # noqa: E402
 from . import optim  # noqa: E402
 from .bn import update_bn  # noqa: E402
 from .model_ema import ModelEMA  # noqa: E402
+from .merge import greedy_soup, merge_checkpoints  # noqa: E402
 from . import compat  # noqa: E402
 from .swa_utils import (AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn, get_swa_avg_fn,  # noqa: E402
                         get_swa_multi_avg_fn)
@@ -95,7 +96,7 @@ from .optim import (EMA, PSWA, PSWM, PWALKS, SWA, TWA, NonFiniteSampleWarning, P
 __all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "AveragedModel", "ModelEMA", "compat", "get_ema_multi_avg_fn",
            "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn", "WeightAveraging", "SWA", "EMA", "PSWA",
            "PWALKS", "PSWM", "PeriodicSWA", "TWA", "RankDeficientSampleWarning", "NonFiniteSampleWarning",
-           "__version__"]
+           "merge_checkpoints", "greedy_soup", "__version__"]
 
 
 def build_info() -> dict:

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..distributed import ShardedVectors, basis_like_param, local_tensor, local_part
+from ..merge import load_checkpoint
 from ..ops.basis import default_rtol
 from .wrapper import _check_int, _check_real, _check_saved_tensors, _WrappedOptimizer
 
@@ -708,25 +709,9 @@ class TWA(_WrappedOptimizer):
         naming the checkpoint and key for anything missing or mismatched; with check_only,
         also non-dense tensors and, with check_values, NaN/inf)."""
         where = self._where(ckpt, i)
-        if isinstance(ckpt, (str, os.PathLike)):
-            # Memory-mapped on the CPU: only what is read is loaded, and read in place from the
-            # page cache (for CPU parameters also when loading: no copy into fresh memory).
-            if check_only or self._params[0].device.type == "cpu":
-                try:
-                    obj = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-                    obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-            else:
-                obj = torch.load(ckpt, map_location=self._params[0].device, weights_only=True)
-        else:
-            obj = ckpt
-        if isinstance(obj, Mapping):
-            for key in ("state_dict", "model"):
-                if isinstance(obj.get(key), Mapping):
-                    obj = obj[key]
-                    break
-        if not isinstance(obj, Mapping):
-            raise TypeError(f"{where} is a {type(obj).__name__}, not a state dict (or a path to one)")
+        # Memory-mapped onto the CPU to check, and to load for CPU parameters (no copy into
+        # fresh memory); loaded onto the parameters' device otherwise.
+        obj = load_checkpoint(ckpt, where, "cpu" if check_only else self._params[0].device)
         out, missing = [], []
         for name, p in zip(names, self._params):
             t = obj.get(name, obj.get("module." + name))
