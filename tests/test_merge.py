@@ -165,3 +165,11 @@ def test_greedy_soup_bad_input():
 def test_public_names():
     assert wavg_ext.merge_checkpoints is merge_checkpoints and "greedy_soup" in wavg_ext.__all__
     assert list(itertools.islice(iter(merge_checkpoints(state_dicts(2))), 1)) == ["w"]
+
+
+def test_overflowing_sum_is_named():
+    sds = state_dicts(2)
+    big = [{**sd, "w": torch.full((7, 5), 3e38)} for sd in sds]
+    with pytest.raises(ValueError, match="the weighted sum of 'w' overflows"):
+        merge_checkpoints(big, [1.0, 1.0])
+    assert merge_checkpoints(big)["w"].isfinite().all()  # the mean of the same is fine

@@ -5,7 +5,8 @@ the mean of the last checkpoints of a constant-learning-rate run instead of anne
 Kaddour 2022, Sanyal et al. 2023, Li et al. 2025) with uniform, EMA or given weights.
 It reads one checkpoint at a time (files memory-mapped: read in place from the page
 cache) into float32 sums (float64 for float64 entries) with the fused
-``ops.accumulate_``: peak memory is the sums plus one checkpoint, never all of them.
+``ops.accumulate_``: each checkpoint is read once, and peak memory is the sums plus one
+checkpoint, never all of them.
 
 :func:`greedy_soup` is the greedy model soup of Wortsman et al. 2022 (Recipe 1): the
 checkpoints sorted by their own held-out score, each added to the soup only when the
@@ -132,8 +133,9 @@ class _Sums:
         new.sums = [s.clone() for s in self.sums]
         return new
 
-    def tensors(self, sd: Mapping[str, Any], where: str) -> List[torch.Tensor]:
-        """sd's floating entries in order, checked against the first state dict."""
+    def tensors(self, sd: Mapping[str, Any], where: str, check_values: bool = True) -> List[torch.Tensor]:
+        """sd's floating entries in order, checked against the first state dict (and for
+        NaN/inf with check_values)."""
         if set(sd) != set(self.keys):
             missing = sorted(set(self.keys) - set(sd))
             extra = sorted(set(sd) - set(self.keys))
@@ -155,14 +157,14 @@ class _Sums:
             if t.dtype == torch.float64 and self.dtypes[k] != torch.float64:
                 t = t.float()  # (a float32 sum takes no float64 input)
             out.append(t)
-        if int(ops.nonfinite_flag(out)):
+        if check_values and int(ops.nonfinite_flag(out)):
             for k, t in zip(self.floating, out):
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{where}: '{k}' holds NaN/inf")
         return out
 
-    def add(self, sd: Mapping[str, Any], weight: float, where: str) -> None:
-        ops.accumulate_(self.sums, self.tensors(sd, where), weight)
+    def add(self, sd: Mapping[str, Any], weight: float, where: str, check_values: bool = True) -> None:
+        ops.accumulate_(self.sums, self.tensors(sd, where, check_values), weight)
         self.last_others = {k: sd[k] for k in self.others}
 
     def result(self, scale: float = 1.0) -> Dict[str, Any]:
@@ -203,9 +205,15 @@ def merge_checkpoints(checkpoints: Sequence[Checkpoint], weights: Union[str, Seq
         sd = _load(ckpt, i)
         if sums is None:
             sums = _Sums(sd, _where(i, ckpt))
-        sums.add(sd, w[i], _where(i, ckpt))
+        # One read per checkpoint: NaN/inf reach the sums, checked once at the end.
+        sums.add(sd, w[i], _where(i, ckpt), check_values=False)
         del sd
     assert sums is not None
+    if int(ops.nonfinite_flag(sums.sums)):  # name the checkpoint (a second read, on this error only)
+        for i, ckpt in enumerate(checkpoints):
+            sums.tensors(_load(ckpt, i), _where(i, ckpt))
+        bad = next(k for k, t in zip(sums.floating, sums.sums) if not bool(torch.isfinite(t).all()))
+        raise ValueError(f"merge_checkpoints: the weighted sum of '{bad}' overflows (every checkpoint is finite)")
     return sums.result()
 
 

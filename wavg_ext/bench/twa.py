@@ -25,7 +25,8 @@ From-checkpoints case: n random-walk checkpoints saved with ``torch.save`` (read
 page cache): ``TWA.from_checkpoints`` end to end (each checkpoint read once: checked and
 copied into its basis row; the mean from the rows; orthonormalize; start the subspace), against ``torch.load`` of
 each, stacked into the [D, n] fp32 matrix, then ``torch.linalg.qr``, and ``torch.load`` of
-each alone; and the floor: each checkpoint read once in place (mmap + ``nonfinite_flag``),
+each alone; ``merge_checkpoints`` of them (their mean) against ``torch.load`` + an ``add_``
+loop; and the floor of ``from_checkpoints``: each checkpoint read once in place (mmap + ``nonfinite_flag``),
 the basis allocated and zeroed (its first touch: page faults), ``orthonormalize_many_`` of
 the loaded rows.
 """
@@ -389,7 +390,26 @@ def run_checkpoints_case(case: CheckpointsCase, device: torch.device, quick: boo
                 sd = torch.load(path, weights_only=True, mmap=True)
                 ops.scale_copy_([b[j] for b in holder["basis"]], [sd[k] for k in names], 1.0)
 
+        def merge() -> None:
+            from ..merge import merge_checkpoints
+            merge_checkpoints(paths)
+
+        def load_and_add() -> None:  # the plain way to average checkpoints
+            total = None
+            for path in paths:
+                sd = torch.load(path, weights_only=True)
+                if total is None:
+                    total = {k: v.clone() for k, v in sd.items()}
+                else:
+                    for k, v in sd.items():
+                        total[k].add_(v)
+                del sd
+            for v in total.values():
+                v.div_(len(paths))
+
         timed("TWA.from_checkpoints", from_checkpoints, "end to end: one read per checkpoint, mean from the rows, CGS2/Cholesky-QR2")
+        timed("merge_checkpoints", merge, "their mean: memory-mapped, fused accumulate_ into float32 sums")
+        timed("torch.load + add_ loop", load_and_add, "their mean: torch.load each, add_ per tensor, div_")
         timed("torch.load + linalg.qr", load_and_qr, "load each, stack into [n, D], Householder QR of its transpose")
         timed("torch.load", load_each, "each checkpoint loaded into fresh memory")
         # The floor: each checkpoint read once, the basis allocated and written once, the
