@@ -429,7 +429,8 @@ class WeightAveraging(_WrappedOptimizer):
         return changed
 
     def _run_ops(self, op: str, scalar: Any, pick: Callable[..., Tuple[list, ...]],
-                 scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None, planned: bool = False) -> None:
+                 scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None, planned: bool = False,
+                 plan_key: Optional[str] = None) -> None:
         """Runs ``ops.<op>(*pick(averages, sources, compensations, positions), scalar)`` for every
         device group (``scalars(self)``: one per group instead, e.g. device tensors). The ops validate
         everything before they write, so when one refuses the model's tensors (a dtype or device
@@ -437,7 +438,7 @@ class WeightAveraging(_WrappedOptimizer):
         is now (:meth:`_adopt`) and runs again; with several device groups all are validated
         first, so that a refusal never comes after a group was updated. ``planned``: the call of a
         sample, run through one kept :class:`ops.Plan` per group (``pick`` must then always pick
-        the same lists for ``op``)."""
+        the same lists for ``plan_key``, by default ``op``)."""
         fn = getattr(ops, op)
         for attempt in (0, 1):
             if self._dtensor_params:
@@ -455,11 +456,12 @@ class WeightAveraging(_WrappedOptimizer):
                     return
                 # The samples: the same lists every step, so plans validated once (one per op:
                 # a planned op always picks the same lists), re-checked cheaply each call.
-                plans = self._plans.get(op)
+                key = plan_key or op
+                plans = self._plans.get(key)
                 if plans is None:
                     plans = [ops.Plan(op, *pick(avgs, srcs, comps, positions)) for (avgs, srcs, comps), positions
                              in zip(self._groups, self._group_indices)]
-                    self._plans[op] = plans
+                    self._plans[key] = plans
                 if len(plans) > 1:
                     for plan, sc in zip(plans, per_group):
                         plan.check(sc)
@@ -796,7 +798,14 @@ class WeightAveraging(_WrappedOptimizer):
         With ``module`` given, all of its buffers are restored on exit too, so BN
         statistics recalibrated inside (``update_bn``) do not leak into training.
         """
-        self.swap()
+        with self._swapped_in(self.swap):
+            yield
+
+    @contextlib.contextmanager
+    def _swapped_in(self, swap_in: Callable[[], None]) -> Iterator[None]:
+        """averaged()'s body: ``swap_in()``, the module's buffers saved; on exit they are put
+        back and ``swap()`` restores the training weights."""
+        swap_in()
         saved = []
         try:
             if self.module is not None:

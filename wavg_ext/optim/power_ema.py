@@ -1,0 +1,214 @@
+"""PowerEMA: power-function EMAs of the weights, several widths at once (Karras et al.
+2024, EDM2), as an optimizer wrapper.
+
+Profile k with exponent gamma_k averages the weights seen up to step t with weight
+proportional to tau^gamma_k; its relative width is sigma_rel_k. A sample taken after t
+steps, dt steps after the previous one, updates avg_k <- beta_k avg_k + (1 - beta_k) w
+with beta_k = (1 - dt / t)^(gamma_k + 1) (:func:`wavg_ext.power_ema.power_ema_beta`):
+the actual step gap, so sampling every k steps keeps the profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..distributed import like_param, local_tensor
+from ..power_ema import gamma_to_sigma_rel, power_ema_beta, sigma_rel_to_gamma
+from .averaging import WeightAveraging
+from .wrapper import _check_saved_tensors
+
+__all__ = ["PowerEMA"]
+
+
+def _numbers(name: str, values: Any) -> List[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty list of numbers, got {values!r}")
+    return list(values)
+
+
+class PowerEMA(WeightAveraging):
+    """Power-function EMAs of the weights (EDM2), one average per profile, updated at
+    positions ``start, start+every, ...`` (position t: after t steps).
+
+    Args:
+        sigma_rels: the profiles' relative widths, each in (0, sqrt(1/12)) (default
+            (0.05, 0.1)); or ``gammas=``: their exponents (>= 0; 0 is the running mean).
+        every, start: the sample positions, as for :class:`~wavg_ext.EMA`.
+        module, average_buffers, average_dtype: as for :class:`~wavg_ext.WeightAveraging`.
+
+    A sample after t steps, dt after the previous one, uses beta_k = (1 - dt/t)^(gamma_k + 1)
+    per profile (the first sample, and the one at t = dt, copy the weights). Each profile
+    is one fused op per device. ``averaged_parameters(profile)``, ``averaged_buffers(profile)``,
+    ``averaged_state_dict(module, profile)``, ``copy_to(target, profile)``,
+    ``swap(profile)`` and ``averaged(profile)`` take the profile's index (default 0);
+    ``state_dict()`` holds every profile and resumes bit for bit. ``current_betas`` are
+    the last sample's betas.
+    """
+
+    method = "PowerEMA"
+
+    def __init__(self, optimizer: Optimizer, sigma_rels: Optional[Sequence[float]] = None, every: int = 1,
+                 start: int = 0, *, gammas: Optional[Sequence[float]] = None, module: Optional[nn.Module] = None,
+                 average_buffers: bool = False, average_dtype: Optional[torch.dtype] = None) -> None:
+        if gammas is not None:
+            if sigma_rels is not None:
+                raise ValueError("sigma_rels and gammas are exclusive: pass one of them")
+            gammas = _numbers("gammas", gammas)
+            for i, g in enumerate(gammas):
+                if isinstance(g, bool) or not isinstance(g, numbers.Real):
+                    raise ValueError(f"gammas[{i}] must be a number >= 0, got {g!r}")
+            sigma_rels = [gamma_to_sigma_rel(g) for g in gammas]
+            gammas = [float(g) for g in gammas]
+        else:
+            sigma_rels = _numbers("sigma_rels", (0.05, 0.1) if sigma_rels is None else sigma_rels)
+            gammas = []
+            for i, s in enumerate(sigma_rels):
+                try:
+                    gammas.append(sigma_rel_to_gamma(s))
+                except ValueError as e:
+                    raise ValueError(f"sigma_rels[{i}]: {e}") from None
+            sigma_rels = [float(s) for s in sigma_rels]
+        self.gammas: List[float] = gammas
+        self.sigma_rels: List[float] = sigma_rels
+        self.current_betas: Optional[List[float]] = None
+        super().__init__(optimizer, rule="momentum", momentum=1.0, start=start, every=every, module=module,
+                         average_buffers=average_buffers, average_dtype=average_dtype)
+        # Profiles 1.. (profile 0 is the engine's own averages), laid out like them.
+        self._extra: List[List[torch.Tensor]] = [
+            [torch.empty_like(a, memory_format=torch.preserve_format) for a in self._averages]
+            for _ in range(len(gammas) - 1)]
+
+    @property
+    def num_profiles(self) -> int:
+        return len(self.gammas)
+
+    # ----------------------------------------------------------------- the profiles
+
+    def _profile(self, profile: int) -> List[torch.Tensor]:
+        if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < len(self.gammas):
+            raise ValueError(f"profile must be an int in [0, {len(self.gammas)}), got {profile!r}")
+        return self._averages if profile == 0 else self._extra[profile - 1]
+
+    @contextlib.contextmanager
+    def _as_main(self, profile: int) -> Iterator[None]:
+        """The engine's read and swap-in paths, on profile ``profile``'s averages (after the
+        model check, which may convert the averages and must see the real ones)."""
+        values = self._profile(profile)
+        if profile == 0:
+            yield
+            return
+        main = self._averages
+        self._averages = values
+        try:
+            yield
+        finally:
+            self._averages = main
+
+    def _adopt(self, params: Optional[List[torch.Tensor]] = None) -> bool:
+        changed = super()._adopt(params)
+        with torch.no_grad():  # the other profiles follow profile 0's dtype and device
+            for values in self._extra:
+                for i, a in enumerate(self._averages):
+                    if values[i].device != a.device or values[i].dtype != a.dtype:
+                        values[i] = values[i].to(device=a.device, dtype=a.dtype, memory_format=torch.preserve_format)
+        return changed
+
+    def _sample(self) -> None:
+        n = self._num
+        t = self._position
+        betas = [0.0 if n == 0 else power_ema_beta(g, t, self.every) for g in self.gammas]
+        for k, beta in enumerate(betas):
+            if k == 0:
+                def pick(avgs, srcs, comps, positions):
+                    return avgs, srcs
+            else:
+                def pick(avgs, srcs, comps, positions, values=self._extra[k - 1]):
+                    return [values[i] for i in positions], srcs
+            if beta == 0.0:
+                self._run_ops("scale_copy_", 1.0, pick, planned=True, plan_key=f"scale_copy_/{k}")
+            else:
+                self._run_ops("ema_", 1.0 - beta, pick, planned=True, plan_key=f"ema_/{k}")
+        if self._int_slots:
+            torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
+        self._num = n + 1
+        self.current_betas = betas
+
+    # ----------------------------------------------------------------- reading a profile
+
+    def averaged_parameters(self, profile: int = 0) -> List[torch.Tensor]:
+        """Profile ``profile``'s averages of the parameters (live tensors: clone to keep)."""
+        with self._as_main(profile):
+            return super().averaged_parameters()
+
+    def averaged_buffers(self, profile: int = 0) -> Dict[str, torch.Tensor]:
+        with self._as_main(profile):
+            return super().averaged_buffers()
+
+    def averaged_state_dict(self, module: Optional[nn.Module] = None, profile: int = 0) -> Dict[str, torch.Tensor]:
+        with self._as_main(profile):
+            return super().averaged_state_dict(module)
+
+    def copy_to(self, target: Union[nn.Module, Sequence[torch.Tensor]], profile: int = 0) -> None:
+        with self._as_main(profile):
+            super().copy_to(target)
+
+    def swap(self, profile: int = 0) -> None:
+        """Puts profile ``profile``'s averages into the model; the next call puts the
+        training weights back (its ``profile`` is not used)."""
+        self._profile(profile)
+        self._follow_model()
+        if self._stash is not None:
+            super().swap()
+            return
+        with self._as_main(profile):
+            super().swap()
+
+    @contextlib.contextmanager
+    def averaged(self, profile: int = 0) -> Iterator[None]:
+        """Profile ``profile``'s averages in the model inside, the training weights back on exit."""
+        self._profile(profile)
+        with self._swapped_in(lambda: self.swap(profile)):
+            yield
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _config(self) -> Dict[str, Any]:
+        return {**super()._config(), "gammas": list(self.gammas)}
+
+    def state_dict(self, optimizer: bool = True) -> Dict[str, Any]:
+        out = super().state_dict(optimizer)
+        n = self._num_params
+        out[self._state_key]["profiles"] = [
+            [like_param(a, p) for a, p in zip(values, self._params)] + values[n:] for values in self._extra]
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, Any], optimizer: bool = True) -> None:
+        """Restores a ``state_dict()``: every profile is checked before anything changes."""
+        section = state_dict.get(self._state_key) if isinstance(state_dict, dict) else None
+        saved = section.get("profiles") if isinstance(section, dict) else None
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self._extra):
+            raise ValueError(f"state dict '{self._state_key}' must hold 'profiles': a list of {len(self._extra)} "
+                             "lists of tensors (the profiles after the first)")
+        new: List[List[torch.Tensor]] = []
+        for k, (tensors, values) in enumerate(zip(saved, self._extra)):
+            if not isinstance(tensors, (list, tuple)) or len(tensors) != len(values):
+                raise ValueError(f"state dict profiles[{k}] must be a list of {len(values)} tensors")
+            tensors = [local_tensor(t) for t in tensors]
+            _check_saved_tensors(f"profiles[{k}]", tensors, values)
+            if section.get("num_averaged", 0):
+                bad = [i for i, t in enumerate(tensors) if t.numel() and not bool(torch.isfinite(t).all())]
+                if bad:
+                    raise ValueError(f"state dict profiles[{k}][{bad[0]}] ({self._position_name(bad[0])}) "
+                                     "holds NaN or inf")
+            new.append([t.to(device=v.device) for t, v in zip(tensors, values)])
+        super().load_state_dict(state_dict, optimizer)  # checks the rest; raises before any change
+        with torch.no_grad():
+            for tensors, values in zip(new, self._extra):
+                for t, v in zip(tensors, values):
+                    v.copy_(t)
