@@ -78,6 +78,8 @@ def test_bad_input(tmp_path):
         PostHocEMA(opt, snapshot_every=0, directory=tmp_path)
     with pytest.raises(TypeError, match="directory must be a path"):
         PostHocEMA(opt, snapshot_every=5, directory=3)
+    with pytest.raises(ValueError, match=r"snapshot_every \(5\) must be a multiple of every \(2\)"):
+        PostHocEMA(opt, every=2, snapshot_every=5, directory=tmp_path)
     with pytest.raises(TypeError, match="snapshot_dtype must be one of"):
         PostHocEMA(opt, snapshot_every=5, directory=tmp_path, snapshot_dtype=torch.int8)
     with pytest.raises(ValueError, match="holds no posthoc-ema"):

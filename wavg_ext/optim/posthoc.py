@@ -64,6 +64,10 @@ class PostHocEMA(PowerEMA):
                  module: Optional[nn.Module] = None, average_buffers: bool = False,
                  average_dtype: Optional[torch.dtype] = None) -> None:
         snapshot_every = _check_int("snapshot_every", snapshot_every, 1)
+        every = _check_int("every", every, 1)
+        if snapshot_every % every:
+            raise ValueError(f"snapshot_every ({snapshot_every}) must be a multiple of every ({every}): a "
+                             "snapshot's time is the step of a sample")
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         if snapshot_dtype not in _SNAPSHOT_DTYPES:
