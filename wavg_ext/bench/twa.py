@@ -21,6 +21,10 @@ n sequential ``orthonormalize_`` calls (CGS2), and ``torch.linalg.qr`` of the [D
 ``orthonormalize_many_`` on a bfloat16 basis too (on the CPU under the ``avx512`` and
 ``avx512_bf16`` kernels side by side: float32 widening vs ``vdpbf16ps`` in the Gram blocks).
 
+Post-hoc case: n PostHocEMA snapshot files (two float16 profiles each, ResNet-50 shapes):
+``synthesize_ema`` of sigma_rel 0.1 against ``torch.load`` of each + a per-tensor ``add_``
+with the same coefficients, and each snapshot read once in place (the floor).
+
 From-checkpoints case: n random-walk checkpoints saved with ``torch.save`` (read from the
 page cache): ``TWA.from_checkpoints`` end to end (each checkpoint read once: checked and
 copied into its basis row; the mean from the rows; orthonormalize; start the subspace), against ``torch.load`` of
@@ -101,20 +105,21 @@ class OrthoCase:
 
 
 @dataclass(frozen=True)
-class CheckpointsCase:
-    shapes: str
-    n: int
-    limit: Optional[int] = None  # as OrthoCase
+class CheckpointsCase(OrthoCase):
+    """n saved checkpoints (shapes and limit as OrthoCase)."""
 
     @property
     def id(self) -> str:
-        return f"from_checkpoints-{self.shapes}-n{self.n}" + (f"-D{self.numel() // 1000}k" if self.limit else "")
+        return "from_checkpoints" + super().id[len("orthonormalize"):]
 
-    def shape_list(self) -> List[Tuple[int, ...]]:
-        return OrthoCase(self.shapes, self.n, self.limit).shape_list()
 
-    def numel(self) -> int:
-        return sum(common.numel(s) for s in self.shape_list())
+@dataclass(frozen=True)
+class PosthocCase(OrthoCase):
+    """n PostHocEMA snapshots of two float16 profiles each (shapes and limit as OrthoCase)."""
+
+    @property
+    def id(self) -> str:
+        return "synthesize_ema" + super().id[len("orthonormalize"):]
 
 
 def all_cases(quick: bool = False, device: Optional[torch.device] = None) -> List[object]:
@@ -124,6 +129,7 @@ def all_cases(quick: bool = False, device: Optional[torch.device] = None) -> Lis
     cases.append(OrthoCase("resnet50", 40, limit=2_600_000 if quick else None))
     if device is None or device.type == "cpu":  # (the checkpoints are loaded onto the CPU)
         cases.append(CheckpointsCase("resnet50", 8 if quick else 40, limit=2_600_000 if quick else None))
+        cases.append(PosthocCase("resnet50", 8 if quick else 20, limit=2_600_000 if quick else None))
     if quick:
         cases = [c for c in cases if not (isinstance(c, ProjectCase) and c.k == 40)]
     return cases
@@ -326,6 +332,30 @@ def run_ortho_case(case: OrthoCase, device: torch.device, quick: bool) -> List[d
     return rows
 
 
+def _random_walk(shapes: List[Tuple[int, ...]], n: int):
+    """n successive weight sets: each the previous plus 0.01 noise (like SGD checkpoints)."""
+    g = torch.Generator().manual_seed(0)
+    cur = [0.05 * torch.randn(s, generator=g) for s in shapes]
+    for _ in range(n):
+        cur = [c + 0.01 * torch.randn(c.shape, generator=g) for c in cur]
+        yield cur
+
+
+def _row_timer(rows: List[dict], case: OrthoCase, device: torch.device,
+               repeats: int) -> Callable[[str, Callable[[], object], str], None]:
+    """timed(method, fn, note): appends the row of fn's median time over ``repeats`` calls."""
+    def timed(method: str, fn: Callable[[], object], note: str) -> None:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            common.free(device)
+        rows.append(dict(case=case.id, method=method, median_ms=statistics.median(times) * 1e3, repeats=repeats,
+                         note=note, n=case.n, D=case.numel()))
+    return timed
+
+
 def run_checkpoints_case(case: CheckpointsCase, device: torch.device, quick: bool) -> List[dict]:
     from ..optim import TWA  # (the suite's other cases need only the ops)
 
@@ -335,25 +365,13 @@ def run_checkpoints_case(case: CheckpointsCase, device: torch.device, quick: boo
     tmp = tempfile.mkdtemp(prefix="wavg_ext_bench_")
     rows: List[dict] = []
     try:
-        g = torch.Generator().manual_seed(0)
-        cur = [0.05 * torch.randn(s, generator=g) for s in shapes]
         paths = []
-        for j in range(case.n):  # a random walk, like SGD checkpoints
-            cur = [c + 0.01 * torch.randn(c.shape, generator=g) for c in cur]
+        for j, cur in enumerate(_random_walk(shapes, case.n)):  # like SGD checkpoints
             paths.append(os.path.join(tmp, f"checkpoint{j}.pt"))
             torch.save(dict(zip(names, cur)), paths[-1])
         del cur
         repeats = 1 if (d > 5_000_000 and not quick) else 2
-
-        def timed(method: str, fn: Callable[[], object], note: str) -> None:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-                common.free(device)
-            rows.append(dict(case=case.id, method=method, median_ms=statistics.median(times) * 1e3, repeats=repeats,
-                             note=note, n=case.n, D=d))
+        timed = _row_timer(rows, case, device, repeats)
 
         def from_checkpoints() -> None:
             model = common.ParamHolder([torch.zeros(s) for s in shapes])
@@ -439,11 +457,73 @@ def run_checkpoints_case(case: CheckpointsCase, device: torch.device, quick: boo
     return rows
 
 
+def run_posthoc_case(case: PosthocCase, device: torch.device, quick: bool) -> List[dict]:
+    from ..optim.posthoc import synthesize_ema  # (the suite's other cases need only the ops)
+    from ..power_ema import posthoc_coefficients
+
+    shapes = case.shape_list()
+    d = case.numel()
+    sigmas = [0.05, 0.28]
+    tmp = tempfile.mkdtemp(prefix="wavg_ext_bench_")
+    rows: List[dict] = []
+    try:
+        paths = []
+        for j, cur in enumerate(_random_walk(shapes, case.n)):  # as PostHocEMA(snapshot_every=100) writes
+            profiles = [[(c * (1 + 0.01 * k)).half() for c in cur] for k in range(len(sigmas))]
+            data = {"format": "wavg_ext.posthoc_ema/1", "time": 100 * (j + 1), "sigma_rels": sigmas,
+                    "gammas": [], "num_params": len(shapes), "names": [f"params.{i}" for i in range(len(shapes))],
+                    "profiles": profiles}
+            paths.append(os.path.join(tmp, f"posthoc-ema-{100 * (j + 1):010d}.pt"))
+            torch.save(data, paths[-1])
+        del cur, profiles, data
+        repeats = 1 if (d > 5_000_000 and not quick) else 2
+        timed = _row_timer(rows, case, device, repeats)
+
+        model = common.ParamHolder([torch.zeros(s) for s in shapes])
+
+        def synthesize() -> None:
+            synthesize_ema(tmp, 0.1, into=model)
+
+        def load_and_add() -> None:  # the plain way: torch.load each, a per-tensor multiply-add
+            times = [100.0 * (j + 1) for j in range(case.n) for _ in sigmas]
+            coeffs = posthoc_coefficients(times, sigmas * case.n, 100.0 * case.n, 0.1).tolist()
+            acc = [torch.zeros(s) for s in shapes]
+            k = 0
+            for path in paths:
+                data = torch.load(path, weights_only=True)
+                for profile in data["profiles"]:
+                    for a, t in zip(acc, profile):
+                        a.add_(t.float(), alpha=coeffs[k])
+                    k += 1
+                del data
+            with torch.no_grad():
+                for p, a in zip(model.params, acc):
+                    p.copy_(a)
+
+        def read_each() -> None:
+            for path in paths:
+                data = torch.load(path, weights_only=True, mmap=True)
+                ops.nonfinite_flag([t for profile in data["profiles"] for t in profile])
+
+        timed("synthesize_ema", synthesize, "float64 solve, snapshots memory-mapped, fused accumulate_")
+        timed("torch.load + add_ loop", load_and_add, "the same coefficients, per-tensor add_(t.float(), alpha)")
+        timed("floor: read each", read_each, "each snapshot read once in place (mmap + one fused pass)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        r["speedup_vs_loop"] = by["torch.load + add_ loop"]["median_ms"] / r["median_ms"]
+        r["vs_floor"] = r["median_ms"] / by["floor: read each"]["median_ms"]
+    return rows
+
+
 def run_case(case, device: torch.device, repeats: int, min_time: float, quick: bool) -> List[dict]:
     if isinstance(case, ProjectCase):
         return run_project_case(case, device, repeats, min_time)
     if isinstance(case, CheckpointsCase):
         return run_checkpoints_case(case, device, quick)
+    if isinstance(case, PosthocCase):
+        return run_posthoc_case(case, device, quick)
     return run_ortho_case(case, device, quick)
 
 
@@ -455,6 +535,14 @@ def format_case(case, rows: List[dict]) -> str:
         for r in rows:
             lines.append(f"  {r['method']:<16}{r['median_ms']:>10.2f}{r['gbps']:>8.1f}{r['pct_triad']:>8.0f}%"
                          f"{r['pct_dot']:>6.0f}%{r['pct_copy']:>7.0f}%{r['speedup_vs_paper']:>9.2f}x")
+        return "\n".join(lines)
+    if isinstance(case, PosthocCase):
+        head = (f"{case.id}: n = {case.n} PostHocEMA snapshots (two float16 profiles each) of D = {case.numel():,} "
+                "parameters; synthesize sigma_rel 0.1")
+        lines = [head, f"  {'method':<28}{'ms':>10}{'vs loop':>9}{'/ floor':>9}  note"]
+        for r in rows:
+            lines.append(f"  {r['method']:<28}{r['median_ms']:>10.1f}{r['speedup_vs_loop']:>8.2f}x"
+                         f"{r['vs_floor']:>8.2f}x  {r['note']}")
         return "\n".join(lines)
     if isinstance(case, CheckpointsCase):
         head = f"{case.id}: n = {case.n} saved random-walk checkpoints of D = {case.numel():,} parameters (fp32)"
