@@ -170,17 +170,19 @@ def synthesize_ema(directory: Union[str, "os.PathLike[str]"], sigma_rel: float,
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel < MAX_SIGMA_REL:
         raise ValueError(f"synthesize_ema: sigma_rel must be a number in (0, {MAX_SIGMA_REL:.6f}), got {sigma_rel!r}")
     paths = _snapshots(directory)
-    heads = []
-    for i, path in enumerate(paths):  # metadata (memory-mapped: the tensors are not read)
+    heads, loaded = [], []
+    for i, path in enumerate(paths):  # each file unpickled once (memory-mapped: no tensor read yet)
         data = load_checkpoint(path, f"snapshot {path}")
         if data.get("format") != "wavg_ext.posthoc_ema/1":
             raise ValueError(f"synthesize_ema: {path} is not a PostHocEMA snapshot")
         heads.append((int(data["time"]), list(data["sigma_rels"]), int(data["num_params"]), list(data["names"])))
+        loaded.append(data)
     if time is None:
         time = heads[-1][0]
     elif isinstance(time, bool) or not isinstance(time, int) or time < 1:
         raise ValueError(f"synthesize_ema: time must be an int >= 1, got {time!r}")
-    used = [(p, h) for p, h in zip(paths, heads) if h[0] <= time]
+    used = [(d, h) for d, h in zip(loaded, heads) if h[0] <= time]
+    del loaded
     if not used:
         raise ValueError(f"synthesize_ema: no snapshot was taken at or before step {time}")
     num_params, names = used[0][1][2], used[0][1][3]
@@ -208,7 +210,7 @@ def synthesize_ema(directory: Union[str, "os.PathLike[str]"], sigma_rel: float,
         names = names[:num_params]
     if len(dsts) != len(names):
         raise ValueError(f"synthesize_ema: into has {len(dsts)} tensors, the snapshots {len(names)}")
-    first = load_checkpoint(used[0][0], f"snapshot {used[0][0]}")["profiles"][0]
+    first = used[0][0]["profiles"][0]
     for i, (d, s) in enumerate(zip(dsts, first)):
         if not isinstance(d, torch.Tensor) or d.shape != s.shape or not d.is_floating_point():
             what = list(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
@@ -216,8 +218,8 @@ def synthesize_ema(directory: Union[str, "os.PathLike[str]"], sigma_rel: float,
     sums = [torch.zeros(s.shape, dtype=torch.float64 if d.dtype == torch.float64 else torch.float32)
             for d, s in zip(dsts, first)]
     k = 0
-    for path, head in used:  # one snapshot in memory at a time
-        data = load_checkpoint(path, f"snapshot {path}")
+    for j in range(len(used)):  # one snapshot read at a time (its pages, then dropped)
+        data, used[j] = used[j][0], None
         for profile in data["profiles"]:
             tensors = [t if t.dtype != torch.float64 or s.dtype == torch.float64 else t.float()
                        for t, s in zip(profile[:len(dsts)], sums)]
