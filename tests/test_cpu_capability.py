@@ -208,10 +208,9 @@ def test_row_reductions_match_the_oracle_on_every_isa(hb, dtype):
 
 @pytest.mark.skipif("avx512_bf16" not in SUPPORTED, reason="the CPU lacks AVX512-BF16")
 def test_bf16_dot_instruction_matches_float32_runs_accuracy():
-    """avx512_bf16 computes the bfloat16 x bfloat16 dots (one partner: dots; Gram tiles:
-    orthonormalize_many_) with vdpbf16ps. Its error against the float64 oracle on the same
-    bfloat16 data is at most twice that of plain float32 PyTorch, and its results are
-    the same bits on one thread and on two."""
+    """avx512_bf16 computes the bfloat16 x bfloat16 Gram tiles of orthonormalize_many_ with
+    vdpbf16ps: orthonormal rows, the same bits on one thread and on two; its one-partner
+    dots keep float64 products (within twice plain float32 PyTorch's error, too)."""
     g = torch.Generator().manual_seed(9)
     shapes = [(200003,), (37,), (3, 5, 7), (65536 * 2 + 33,), (0,)]
     basis = [torch.randn((6,) + s, generator=g).to(BF16) for s in shapes]

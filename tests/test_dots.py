@@ -100,9 +100,9 @@ def test_zero_numel_tensors_only(hb, device):
 
 @pytest.mark.parametrize("basis_dtype", [torch.float32, torch.bfloat16])
 def test_float32_accuracy_on_a_long_dot(hb, basis_dtype):
-    """float64 accumulation (a float32 basis) or float64 across float32 runs (a bfloat16
-    basis on the CPU): a 4M-element dot of positive terms is far more accurate than one
-    float32 accumulator (the error would be ~1e-4 relative)."""
+    """float64 accumulation (float32 and bfloat16 bases): a 4M-element dot of positive
+    terms is far more accurate than one float32 accumulator (the error would be ~1e-4
+    relative)."""
     x = torch.rand(4_000_000, generator=torch.Generator().manual_seed(0))
     row = x.to(basis_dtype)
     basis = [row.unsqueeze(0).clone()]

@@ -14,15 +14,13 @@
 // Inside a unit, blocks of elements small enough for the L2 cache are swept once
 // per row tile, so every row is read from memory once per call.
 //
-// Precision: with one partner row (dots, project_, norms: memory-bound) and a float32
-// basis, products and sums are float64. Multi-row Gram blocks (the batch path:
-// compute-bound) and one-partner dots of a bfloat16 basis accumulate products in
-// float32 vectors over runs of kRunElements elements and add each run's sum in
-// float64: rounding errors stay at the size of one run's sum, not of the whole dot
-// product. (For a bfloat16 basis the widening to float64 made the dots compute-bound,
-// 20% slower, for no accuracy that the basis' own 8-bit mantissas keep: a float32
-// FMA rounds each product at 2^-24, the stored rows are rounded at 2^-9.) float64
-// tensors use float64 throughout.
+// Precision: with one partner row (dots, project_, norms: memory-bound) products and
+// sums are float64. Multi-row Gram blocks (the batch path: compute-bound) accumulate
+// products in float32 vectors over runs of kRunElements elements and add each run's
+// sum in float64: rounding errors stay at the size of one run's sum, not of the whole
+// dot product. float64 tensors use float64 throughout. (Float32 runs in the one-partner
+// dots of a bfloat16 basis were 10-15% faster, but their error exceeds twice that of a
+// float64 dot rounded once, the ops' accuracy contract, on the default ISA: not kept.)
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -86,7 +84,7 @@ template <typename T>
 using opmath_of = at::opmath_type<T>;
 
 #if defined(WAVG_EXT_CPU_AVX512_BF16)
-// dot_tile of two bfloat16 rows with AVX512-BF16's vdpbf16ps: 32 products per
+// dot_tile (the Gram blocks) of two bfloat16 rows with AVX512-BF16's vdpbf16ps: 32 products per
 // instruction straight from the stored bits, no widening. A bfloat16 x bfloat16 product
 // is exact in float32 (8 + 8 significand bits), and the instruction adds the two
 // products of a lane pair to the accumulator one after the other, each rounded to
@@ -196,9 +194,8 @@ inline void widen(const at::vec::Vectorized<float>& v, DVec& lo, DVec& hi) {
 }
 
 // acc[mi][0] += sum over e of a[mi][e] * y[e] with every product and sum in float64:
-// the dots of one partner (dots, project_, norms) with a float32 basis are
-// memory-bound, so the widening costs little and the result is as accurate as a
-// float64 dot of the float32 data.
+// the dots of one partner (dots, project_, norms) are memory-bound, so the widening
+// costs little and the result is as accurate as a float64 dot of the float32 data.
 template <typename a_t, typename y_t, int MI>
 void dot_tile_wide(const a_t* const* a, const y_t* y, int64_t n, double (*acc)[2]) {
   using opmath_t = opmath_of<a_t>;
@@ -251,12 +248,11 @@ void dot_tile_mj(int mj, const a_t* const* a, const y_t* const* y, int64_t n, do
   return dot_tile<a_t, y_t, MI, 1>(a, y, n, acc);
 }
 
-// One tile of up to 4 x 2 rows; one partner row (wide) of a float32 or float64 basis
-// goes through dot_tile_wide (see Precision at the top).
+// One tile of up to 4 x 2 rows; one partner row (wide) goes through dot_tile_wide.
 template <typename a_t, typename y_t>
 void dot_tile_any(int mi, int mj, bool wide, const a_t* const* a, const y_t* const* y, int64_t n,
                   double (*acc)[2]) {
-  if (wide && !std::is_same_v<a_t, c10::BFloat16>) {
+  if (wide) {
     switch (mi) {
       case 4: return dot_tile_wide<a_t, y_t, 4>(a, y[0], n, acc);
       case 3: return dot_tile_wide<a_t, y_t, 3>(a, y[0], n, acc);

@@ -243,8 +243,7 @@ def _basis_opmath(basis: Sequence[torch.Tensor]) -> torch.dtype:
 def dots(basis: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """The k inner products c_i = sum over tensors of <basis_t[i], x_t>, i < k, in one pass
     that reads xs once. Returns a float32 tensor [k] (float64 for a float64 basis) on the
-    basis' device; products and sums are float64 (for a bfloat16 basis the CPU kernels sum
-    float32 products in runs of 512 elements and add the runs in float64)."""
+    basis' device; products and sums are float64."""
     op = _basis_opmath(basis)
     device = basis[0].device if len(basis) else torch.device("cpu")
     out = torch.zeros(k, dtype=op, device=device)
