@@ -527,6 +527,14 @@ def run_case(case, device: torch.device, repeats: int, min_time: float, quick: b
     return run_ortho_case(case, device, quick)
 
 
+def _floor_table(head: str, rows: List[dict], speedup: str, label: str) -> str:
+    """The rows of a case with a floor: ms, the speedup over its baseline, the ratio to the floor."""
+    lines = [head, f"  {'method':<28}{'ms':>10}{label:>9}{'/ floor':>9}  note"]
+    for r in rows:
+        lines.append(f"  {r['method']:<28}{r['median_ms']:>10.1f}{r[speedup]:>8.2f}x{r['vs_floor']:>8.2f}x  {r['note']}")
+    return "\n".join(lines)
+
+
 def format_case(case, rows: List[dict]) -> str:
     if isinstance(case, ProjectCase):
         head = (f"{case.id}: D = {case.numel():,}, k = {case.k}, basis {case.storage}, fp32 grads; project_ moves "
@@ -537,20 +545,11 @@ def format_case(case, rows: List[dict]) -> str:
                          f"{r['pct_dot']:>6.0f}%{r['pct_copy']:>7.0f}%{r['speedup_vs_paper']:>9.2f}x")
         return "\n".join(lines)
     if isinstance(case, PosthocCase):
-        head = (f"{case.id}: n = {case.n} PostHocEMA snapshots (two float16 profiles each) of D = {case.numel():,} "
-                "parameters; synthesize sigma_rel 0.1")
-        lines = [head, f"  {'method':<28}{'ms':>10}{'vs loop':>9}{'/ floor':>9}  note"]
-        for r in rows:
-            lines.append(f"  {r['method']:<28}{r['median_ms']:>10.1f}{r['speedup_vs_loop']:>8.2f}x"
-                         f"{r['vs_floor']:>8.2f}x  {r['note']}")
-        return "\n".join(lines)
+        return _floor_table(f"{case.id}: n = {case.n} PostHocEMA snapshots (two float16 profiles each) of D = "
+                            f"{case.numel():,} parameters; synthesize sigma_rel 0.1", rows, "speedup_vs_loop", "vs loop")
     if isinstance(case, CheckpointsCase):
-        head = f"{case.id}: n = {case.n} saved random-walk checkpoints of D = {case.numel():,} parameters (fp32)"
-        lines = [head, f"  {'method':<28}{'ms':>10}{'vs qr':>9}{'/ floor':>9}  note"]
-        for r in rows:
-            lines.append(f"  {r['method']:<28}{r['median_ms']:>10.1f}{r['speedup_vs_qr']:>8.2f}x"
-                         f"{r['vs_floor']:>8.2f}x  {r['note']}")
-        return "\n".join(lines)
+        return _floor_table(f"{case.id}: n = {case.n} saved random-walk checkpoints of D = {case.numel():,} "
+                            "parameters (fp32)", rows, "speedup_vs_qr", "vs qr")
     head = f"{case.id}: n = {case.n} random-walk snapshots of D = {case.numel():,} parameters (fp32)"
     lines = [head, f"  {'method':<40}{'ms':>10}{'max|QtQ-I|':>12}{'vs qr':>9}  note"]
     for r in rows:

@@ -694,10 +694,12 @@ class TWA(_WrappedOptimizer):
         self._num_samples = n
         self._coef_sum[: self._k] = n * self._vectors.dots(self._basis, mean, self._k).double().cpu()
         self._scratch = None
-        if res.accepted == n:
-            return ""
-        return (f"{n - res.accepted} of {n} checkpoints add no new direction (relative residual <= rtol "
-                f"{self.rtol:g}) and were dropped; the basis has {res.accepted} vectors")
+        return self._dropped_message(n) if res.accepted < n else ""
+
+    def _dropped_message(self, n: int) -> str:
+        """The RankDeficientSampleWarning of n checkpoints of which self._k were kept."""
+        return (f"{n - self._k} of {n} checkpoints add no new direction (relative residual <= rtol "
+                f"{self.rtol:g}) and were dropped; the basis has {self._k} vectors")
 
     @staticmethod
     def _where(ckpt: Checkpoint, i: int) -> str:
@@ -765,9 +767,7 @@ class TWA(_WrappedOptimizer):
             if self._k:
                 self._coef_sum[: self._k] = n * self._vectors.dots(self._basis, mean, self._k).double().cpu()
         if self._k < n:
-            warnings.warn(f"{n - self._k} of {n} checkpoints add no new direction (relative residual <= rtol "
-                          f"{self.rtol:g}) and were dropped; the basis has {self._k} vectors",
-                          RankDeficientSampleWarning, stacklevel=4)  # from_checkpoints' caller
+            warnings.warn(self._dropped_message(n), RankDeficientSampleWarning, stacklevel=4)  # from_checkpoints' caller
         if self._k == 0:  # (zeros are refused up front: here, norms that underflow)
             raise ValueError("every checkpoint's parameters are zero or too small to normalize: there is no "
                              "subspace to train in")
