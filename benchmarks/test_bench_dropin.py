@@ -3,7 +3,8 @@
 One test per (device, case, class) on the first 40 ResNet-50 shapes: each first checks that
 wavg_ext's AveragedModel and torch's agree after an update of moved weights, then
 benchmarks its class's update_parameters; the same for ModelEMA.update and the model-EMA
-updates of the other libraries (those installed). With ``--benchmark-disable`` (CI) each body runs
+updates of the other libraries (those installed), and ops.ema_many_ (two power-EMA profiles
+from one read) next to two ema_ calls and ema-pytorch's PostHocEMA.update. With ``--benchmark-disable`` (CI) each body runs
 once, as a smoke test. No test asserts anything about timings.
 """
 
@@ -18,8 +19,9 @@ from wavg_ext.bench import dropin
 CUDA_OK = torch.cuda.is_available() and build_info()["cuda"]
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                                pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")])]
-CASES = [c for c in dropin.all_cases(quick=True) if c.fn != "model_ema"]
+CASES = [c for c in dropin.all_cases(quick=True) if c.fn in ("swa", "ema")]
 EMA_CASES = [c for c in dropin.all_cases(quick=True) if c.fn == "model_ema"]
+POWER_CASES = [c for c in dropin.all_cases(quick=True) if c.fn == "power_ema"]
 
 
 @pytest.mark.parametrize("which", ["torch", "wavg_ext"])
@@ -71,3 +73,28 @@ def test_model_ema_update(benchmark, device, case):
                 moved = (a.double() - s.double())
                 assert bool((moved >= -tol).all()) and bool((moved <= 1 + tol).all()), name
     benchmark(methods["wavg_ext_model_ema"].run)
+
+
+@pytest.mark.parametrize("which", ["wavg_ext_ema_many_2_profiles", "wavg_ext_2x_ema_", "ema_pytorch_post_hoc"])
+@pytest.mark.parametrize("case", POWER_CASES, ids=[c.id for c in POWER_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_power_ema_update(benchmark, device, case, which, tmp_path):
+    benchmark.group = f"{case.id}-{device}"
+    g = torch.Generator(device=device).manual_seed(0)
+    holder = dropin.common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                        for s in dropin.common.SHAPE_SETS[case.shapes]()[:40]])
+    methods = dropin.power_ema_methods(holder, str(tmp_path))  # each updated once from the weights
+    if which not in methods:
+        pytest.skip(f"{which}: ema-pytorch is not installed")
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.add_(1.0)
+    fused, separate = methods["wavg_ext_ema_many_2_profiles"], methods["wavg_ext_2x_ema_"]
+    before = [a.clone() for a in fused.outs]
+    fused.run()  # (both update the same averages: the fused op's result is checked by the op tests;
+    # here, that a second update moved profile 0 by its weight)
+    w = 1.0 - dropin.power_ema_beta(dropin.sigma_rel_to_gamma(dropin.POWER_SIGMA_RELS[0]), 100, 1)
+    for a, b, p in zip(fused.outs, before, holder.parameters()):
+        torch.testing.assert_close(a.double(), torch.lerp(b.double(), p.double(), w), rtol=1e-5, atol=1e-5)
+    assert separate.outs is fused.outs
+    benchmark(methods[which].run)

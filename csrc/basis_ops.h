@@ -1,12 +1,12 @@
-// The ops with their own signatures (the basis ops of TWA, nonfinite_flag and
-// ema_stochastic_), each
+// The ops with their own signatures (the basis ops of TWA, nonfinite_flag,
+// ema_stochastic_ and ema_many_), each
 // one traits struct: the rest of the registry (schema, Meta/Autograd/fallback
 // registrations, the kernels of every backend, the Python entries and checks, and
 // _C.op_specs()) is generated from these by op_entries.h / registry.cpp.
 //
 // A traits struct provides
 //   kName, kSchema                 the op's name and its full schema
-//   kKind                          "basis" (TWA's basis ops), "reduction" or "stochastic"
+//   kKind                          "basis" (TWA's basis ops), "reduction", "stochastic" or "many"
 //   Signature                      R(Args...), the C++ signature the schema maps to
 //   kLists                         the names of its TensorList arguments, in order
 //   kWritten                       which of those lists the op modifies (bitmask)
@@ -148,6 +148,29 @@ struct EmaStochasticOp {
   }
 };
 
+// P exponential averages of the same weights in one pass: avgs[p][i] <- ema_(avgs[p][i],
+// xs[i], weights[p]) with ema_'s arithmetic (the same bits as P ema_ calls), each x read
+// once for all profiles (pair_args.h: prepare_ema_many).
+struct EmaManyOp {
+  static constexpr const char* kKind = "many";
+  static constexpr const char* kName = "ema_many_";
+  static constexpr const char* kSchema =
+      "ema_many_(Tensor(a!)[] avgs, Tensor[] xs, float[] weights) -> ()";
+  using Signature = void(at::TensorList, at::TensorList, at::ArrayRef<double>);
+  static constexpr const char* kLists[] = {"avgs", "xs"};
+  static constexpr unsigned kWritten = 1u << 0;
+  static constexpr int kDeviceList = 0;
+  static void check(at::TensorList avgs, at::TensorList xs, at::ArrayRef<double> weights) {
+    prepare_ema_many(avgs, xs, weights, /*plan_layout=*/false);
+  }
+  template <typename Kernels>
+  static void run(at::TensorList avgs, at::TensorList xs, at::ArrayRef<double> weights) {
+    ManyPlan plan = prepare_ema_many(avgs, xs, weights);
+    Kernels::ema_many(plan);
+    plan.finish();
+  }
+};
+
 // Every such op: BasisOps::for_each(f) calls f(static_cast<Op*>(nullptr)) for each, in order.
 template <typename... Ops>
 struct OpList {
@@ -157,6 +180,7 @@ struct OpList {
   }
 };
 using BasisOps =
-    OpList<DotsOp, CombineOp, ProjectOp, OrthonormalizeOp, NonfiniteFlagOp, EmaStochasticOp>;
+    OpList<DotsOp, CombineOp, ProjectOp, OrthonormalizeOp, NonfiniteFlagOp, EmaStochasticOp,
+           EmaManyOp>;
 
 }  // namespace wavg_ext

@@ -286,6 +286,86 @@ PairPlan prepare_ema_stochastic(at::TensorList avgs, at::TensorList xs, double w
   return prepare_pairs(spec, avgs, xs, weight, plan_layout);
 }
 
+ManyPlan prepare_ema_many(at::TensorList avgs, at::TensorList xs, at::ArrayRef<double> weights,
+                          bool plan_layout) {
+  const OpSpec& spec = spec::ema_many;
+  const size_t profiles = weights.size();
+  TORCH_CHECK_VALUE(profiles > 0, spec.name, ": weights is empty; pass one EMA weight per profile");
+  for (size_t p = 0; p < profiles; ++p) {
+    TORCH_CHECK_VALUE(std::isfinite(weights[p]), spec.name, ": weights[", p, "] must be finite, got ",
+                      weights[p]);
+  }
+  const size_t n = xs.size();
+  TORCH_CHECK_VALUE(avgs.size() == profiles * n, spec.name, ": avgs has ", avgs.size(),
+                    " tensors but there are ", profiles, " weights and ", n,
+                    " tensors in xs: pass one average per tensor of xs for every profile (",
+                    profiles * n, "), profile after profile");
+  ManyPlan many;
+  many.profiles = static_cast<int64_t>(profiles);
+  many.weights.assign(weights.begin(), weights.end());
+  // Each profile as ema_ checks it, its list named avgs[p] (names outlive the checks).
+  std::vector<std::string> names(profiles);
+  std::vector<OpSpec> specs(profiles, spec);
+  std::vector<PairPlan> plans;
+  plans.reserve(profiles);
+  for (size_t p = 0; p < profiles; ++p) {
+    names[p] = "avgs[" + std::to_string(p) + "]";
+    specs[p].out_name = names[p].c_str();
+    plans.push_back(prepare_pairs(specs[p], avgs.slice(p * n, n), xs, weights[p], plan_layout));
+  }
+  // ... and no two profiles' averages share memory (each profile's own were checked).
+  if (profiles > 1 && n > 0 && avgs[0].device().type() != c10::DeviceType::Meta) {
+    std::vector<Span> spans;
+    spans.reserve(avgs.size());
+    for (size_t p = 0; p < profiles; ++p) {
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor& a = avgs[p * n + i];
+        if (a.numel() == 0) continue;
+        spans.push_back(span_of(a, a.const_data_ptr(), a.is_non_overlapping_and_dense(), true, i,
+                                names[p].c_str()));
+      }
+    }
+    check_no_overlap(spec.name, spans);
+  }
+  if (!plan_layout) return many;
+  // Fuse pair i when every profile runs it on the same x (no temporary of it) with one
+  // average dtype; positions[p][i]: where profile p's plan holds pair i.
+  std::vector<std::vector<int64_t>> positions(profiles, std::vector<int64_t>(n, -1));
+  for (size_t p = 0; p < profiles; ++p) {
+    for (size_t k = 0; k < plans[p].pairs.size(); ++k) positions[p][plans[p].pairs[k].index] = k;
+  }
+  many.fused.device = plans[0].device;
+  many.fused.scalar.value = weights[0];
+  many.separate.resize(profiles);
+  for (size_t p = 0; p < profiles; ++p) {
+    many.separate[p].device = plans[p].device;
+    many.separate[p].scalar = plans[p].scalar;
+  }
+  for (const PairView& first : plans[0].pairs) {
+    bool fuse = true;
+    for (size_t p = 1; p < profiles && fuse; ++p) {
+      const PairView& v = plans[p].pairs[positions[p][first.index]];
+      fuse = v.in == first.in && v.out_dtype == first.out_dtype;
+    }
+    if (fuse) {
+      many.fused.pairs.push_back(first);
+      for (size_t p = 0; p < profiles; ++p) {
+        many.outs.push_back(plans[p].pairs[positions[p][first.index]].out);
+      }
+    } else {
+      for (size_t p = 0; p < profiles; ++p) {
+        many.separate[p].pairs.push_back(plans[p].pairs[positions[p][first.index]]);
+      }
+    }
+  }
+  // The plans' temporaries live, and their results are written back, with this plan.
+  for (PairPlan& plan : plans) {
+    for (at::Tensor& t : plan.temporaries) many.temporaries.push_back(std::move(t));
+    for (auto& w : plan.writebacks) many.writebacks.push_back(std::move(w));
+  }
+  return many;
+}
+
 std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs) {
   std::vector<at::Tensor> out;
   out.reserve(xs.size());

@@ -139,6 +139,32 @@ inline constexpr OpSpec ema_stochastic{"ema_stochastic_", "avgs", "xs", "weight"
 PairPlan prepare_ema_stochastic(at::TensorList avgs, at::TensorList xs, double weight,
                                 bool plan_layout = true);
 
+// ema_many_ (basis_ops.h): P exponential averages of the same weights from one read of
+// them. avgs holds P * len(xs) tensors, profile after profile (avgs[p][i] = the flat
+// avgs[p * len(xs) + i], the average of xs[i] in profile p), weights one EMA weight per
+// profile. Each profile is validated as ema_ validates its lists (named avgs[p]), and no
+// average may share memory with another profile's.
+namespace spec {
+inline constexpr OpSpec ema_many{"ema_many_", "avgs", "xs", "weights", "",
+                                 PairRule::kAverage, ScalarRule::kFinite, true, false};
+}
+
+// The work of one ema_many_ call. `fused` holds the pairs whose P averages all have
+// their weight's layout and one dtype, the usual case: each is run from one read of x,
+// outs[k * profiles + p] being profile p's average of fused.pairs[k] (fused.pairs[k].out
+// is profile 0's). The other pairs (some average needs a temporary, or the profiles'
+// dtypes differ) run as ema_ per profile: separate[p].
+struct ManyPlan : PlanTemporaries {
+  int64_t profiles = 0;
+  std::vector<double> weights;
+  PairPlan fused;
+  std::vector<void*> outs;
+  std::vector<PairPlan> separate;
+};
+
+ManyPlan prepare_ema_many(at::TensorList avgs, at::TensorList xs, at::ArrayRef<double> weights,
+                          bool plan_layout = true);
+
 // nonfinite_flag's input: tensors of supported dtypes on one device. Returns the
 // (tensor, contiguous copy or itself) list to scan.
 std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs);

@@ -76,6 +76,37 @@ struct PyArg<at::TensorList> {
   at::TensorList get() const { return tensors.list(); }
 };
 
+template <>
+struct PyArg<at::ArrayRef<double>> {  // float[]: a list or tuple of numbers
+  using type = pybind11::handle;
+  std::vector<double> values;
+  PyArg(const char* op, const char* const*, int&, pybind11::handle h) {
+    PyObject* obj = h.ptr();
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+      throw pybind11::type_error(std::string(op) + ": weights must be a list or tuple of numbers, got " +
+                                 Py_TYPE(obj)->tp_name);
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject** items = PySequence_Fast_ITEMS(obj);
+    values.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      // Numbers (numpy's too); not bools, and not tensors (reading one would sync a device).
+      bool number = !PyBool_Check(items[i]) && !THPVariable_Check(items[i]);
+      const double v = number ? PyFloat_AsDouble(items[i]) : 0.0;
+      if (number && v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        number = false;
+      }
+      if (!number) {
+        throw pybind11::type_error(std::string(op) + ": weights[" + std::to_string(i) + "] is a " +
+                                   Py_TYPE(items[i])->tp_name + ", not a number");
+      }
+      values.push_back(v);
+    }
+  }
+  at::ArrayRef<double> get() const { return values; }
+};
+
 template <typename Op, typename Sig = typename Op::Signature>
 struct BasisPython;
 

@@ -4,6 +4,7 @@
 //   <id> for every op of op_registry.h   void(PairPlan&) runners (after validation)
 //   nonfinite_flag                       at::Tensor(at::TensorList)
 //   ema_stochastic                       void(PairPlan&, int64_t seed) (after validation)
+//   ema_many                             void(ManyPlan&) (after validation)
 //   Rows                                 the row backend of basis_composite.h
 #pragma once
 

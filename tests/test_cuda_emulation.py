@@ -130,7 +130,8 @@ def test_ops_inside_the_context_launch_emulated_kernels_and_outside_do_not():
 
 @pytest.mark.parametrize("call", ["running_mean_", "ema_", "accumulate_", "scale_copy_",
                                   "running_mean_compensated_", "ema_compensated_", "nonfinite_flag",
-                                  "ema_stochastic_", "dots", "combine_", "project_", "orthonormalize_",
+                                  "ema_stochastic_", "ema_many_", "dots", "combine_", "project_",
+                                  "orthonormalize_",
                                   "orthonormalize_many_"])
 def test_every_op_runs_on_the_emulator(call):
     xs = [torch.randn(5, 7), torch.randn(300)]
@@ -149,6 +150,7 @@ def test_every_op_runs_on_the_emulator(call):
         "ema_compensated_": lambda: ops.ema_compensated_(avgs, comps, xs, 0.1),
         "nonfinite_flag": lambda: ops.nonfinite_flag(xs),
         "ema_stochastic_": lambda: ops.ema_stochastic_([x.bfloat16() for x in xs], xs, 0.1, 3),
+        "ema_many_": lambda: ops.ema_many_([avgs, comps], xs, [0.1, 0.2]),
         "dots": lambda: ops.dots(basis, xs, 3),
         "combine_": lambda: ops.combine_(avgs, basis, torch.ones(3), 1.0, 0.0),
         "project_": lambda: ops.project_(avgs, basis, 3),

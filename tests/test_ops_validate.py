@@ -72,6 +72,15 @@ CASES = {
         "nonfinite_weight": lambda: ([_f(3, dtype=torch.bfloat16)], [_f(3)], float("nan"), 7),
         "aliased": lambda: (lambda t: ([t[1:4]], [t[0:3]], 0.25, 7))(_f(5, dtype=torch.bfloat16)),
     },
+    "ema_many_": {
+        "good": lambda: ([[_f(3), _f(2, 2)], [_f(3, seed=2), _f(2, 2, seed=2)]], [_f(3, seed=1), _f(2, 2, seed=1)],
+                         [0.25, 0.5]),
+        "shape": lambda: ([[_f(3)], [_f(4)]], [_f(3)], [0.25, 0.5]),
+        "profiles": lambda: ([[_f(3)], [_f(3, seed=1)]], [_f(3, seed=2)], [0.25]),
+        "flat": lambda: ([_f(3), _f(3, seed=1)], [_f(3, seed=2)], [0.25, 0.5]),
+        "nonfinite_weight": lambda: ([[_f(3)]], [_f(3, seed=1)], [float("nan")]),
+        "aliased": lambda: (lambda t: ([[t], [t]], [_f(3, seed=1)], [0.25, 0.5]))(_f(3)),
+    },
     "dots": {
         "good": lambda: (_basis(), [_f(3, 2), _f(5)], 3),
         "k_too_big": lambda: (_basis(), [_f(3, 2), _f(5)], 5),

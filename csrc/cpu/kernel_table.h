@@ -26,6 +26,8 @@ struct KernelTable {
   at::Tensor (*nonfinite_flag)(at::TensorList xs);
   // ema_stochastic_ on the validated plan (bfloat16 averages), random bits from seed.
   void (*ema_stochastic)(PairPlan& plan, int64_t seed);
+  // ema_many_ on the validated plan: every profile's averages from one read of the weights.
+  void (*ema_many)(ManyPlan& plan);
   // The row engine of the basis ops (rows_cpu.cpp): out[i*ny + j] = <a_i, y_j> in float64,
   // and y_j <- beta * y_j + sum_i m[j*na + i] * a_i.
   void (*rows_dot)(const RowPlan& plan, bool symmetric, double* out);

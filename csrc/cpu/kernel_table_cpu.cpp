@@ -10,6 +10,7 @@ const KernelTable& kernel_table() {
 #undef WAVG_EXT_KERNEL_ENTRY
       &nonfinite_flag_cpu,
       &ema_stochastic_cpu,
+      &ema_many_cpu,
       &rows_dot,
       &rows_mix_,
   };

@@ -38,6 +38,9 @@ struct CpuKernels {
   static void ema_stochastic(PairPlan& p, int64_t seed) {
     WAVG_EXT_CPU_OR_EMULATED(kernels().ema_stochastic, cuda::ema_stochastic_cuda, p, seed);
   }
+  static void ema_many(ManyPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(kernels().ema_many, cuda::ema_many_cuda, p);
+  }
   struct Rows {
     static at::Tensor dot(const RowPlan& plan, bool symmetric) {
       return WAVG_EXT_CPU_OR_EMULATED(CpuRows::dot, cuda::CudaRows::dot, plan, symmetric);

@@ -20,6 +20,7 @@ struct CudaKernels {
 #undef WAVG_EXT_CUDA_RUNNER
   static constexpr auto nonfinite_flag = &nonfinite_flag_entry;
   static constexpr auto ema_stochastic = &ema_stochastic_cuda;
+  static constexpr auto ema_many = &ema_many_cuda;
   using Rows = CudaRows;
 };
 

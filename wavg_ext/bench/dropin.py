@@ -3,7 +3,11 @@
 and ``wavg_ext.ModelEMA.update`` next to timm's ``ModelEmaV3.update`` (timm's own class when
 it imports, else its update re-implemented as timm 1.0 writes it: ``_foreach_lerp_`` over the
 floating-point state_dict values), diffusers' ``EMAModel.step`` (foreach on and off) and
-ema-pytorch's ``EMA.update`` where those are installed.
+ema-pytorch's ``EMA.update`` where those are installed. Power-function EMA cases
+(``power_ema``): ``ops.ema_many_`` updating two profiles from one read of the weights,
+against two ``ema_`` calls, one ``ema_`` (the yardstick: the fused op's floor is
+(2P + 1) / 3 = 5/3 of it) and ema-pytorch's ``PostHocEMA.update`` (one ``KarrasEMA`` per
+profile: a per-tensor ``lerp_`` loop and a host sync each) where it is installed.
 
 Cases: ResNet-50 and GPT-2-small parameter shapes, float32 and bfloat16 parameters (both
 classes keep averages in the parameters' dtype: a deep copy of the model), default SWA and
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch.optim import swa_utils as torch_swa
 
-from .. import model_ema, swa_utils
+from .. import model_ema, ops, swa_utils
+from ..power_ema import power_ema_beta, sigma_rel_to_gamma
 from . import common
 
 EMA_DECAY = 0.999
@@ -35,16 +41,48 @@ class DropInCase(NamedTuple):
 
     @property
     def id(self) -> str:
-        if self.fn == "model_ema":
-            return f"model_ema-{self.shapes}-{common.short(self.dtype)}"
+        if self.fn in ("model_ema", "power_ema"):
+            return f"{self.fn}-{self.shapes}-{common.short(self.dtype)}"
         return f"averaged_model-{self.fn}-{self.shapes}-{common.short(self.dtype)}"
 
 
 def all_cases(quick: bool = False) -> List[DropInCase]:
-    """AveragedModel cases (fn "swa", "ema") and ModelEMA cases (fn "model_ema")."""
+    """AveragedModel cases (fn "swa", "ema"), ModelEMA cases (fn "model_ema") and the
+    two-profile power EMA cases (fn "power_ema")."""
     shape_sets = ["resnet50"] if quick else ["resnet50", "gpt2"]
     return [DropInCase(s, d, fn) for s in shape_sets for d in (torch.float32, torch.bfloat16)
-            for fn in ("swa", "ema", "model_ema")]
+            for fn in ("swa", "ema", "model_ema", "power_ema")]
+
+
+POWER_SIGMA_RELS = (0.05, 0.28)  # EDM2's pair, ema-pytorch's default example
+
+
+def power_ema_methods(holder: torch.nn.Module, tmpdir: str) -> Dict[str, common.Method]:
+    """name -> one two-profile power-EMA update of ``holder``'s parameters (float32 averages
+    for ours, as ema_ keeps them; ema-pytorch keeps a copy of the model in its dtype), each
+    made from ``holder`` and updated once. Ours use the betas at step 100 of sigma_rels
+    (0.05, 0.28); ema-pytorch computes its own from its step counter."""
+    params = [p.detach() for p in holder.parameters()]
+    weights = [1.0 - power_ema_beta(sigma_rel_to_gamma(s), 100, 1) for s in POWER_SIGMA_RELS]
+    avgs = [[p.float().clone() if p.dtype != torch.float64 else p.clone() for p in params] for _ in weights]
+    out: Dict[str, common.Method] = {
+        "wavg_ext_ema_many_2_profiles": common.Method(lambda: ops.ema_many_(avgs, params, weights), avgs[0]),
+        "wavg_ext_2x_ema_": common.Method(
+            lambda: [ops.ema_(a, params, w) for a, w in zip(avgs, weights)], avgs[0]),
+        "wavg_ext_one_ema_": common.Method(lambda: ops.ema_(avgs[0], params, weights[0]), avgs[0]),
+    }
+    try:
+        from ema_pytorch import PostHocEMA
+
+        theirs = PostHocEMA(holder, sigma_rels=POWER_SIGMA_RELS, update_every=1,
+                            checkpoint_every_num_steps=10**9, checkpoint_folder=tmpdir)
+        out["ema_pytorch_post_hoc"] = common.Method(
+            theirs.update, list(theirs.ema_models[0].ema_model.parameters()))
+    except Exception:
+        pass
+    for method in out.values():
+        method.run()
+    return out
 
 
 def models(case: DropInCase, device: torch.device, limit: Optional[int] = None):
@@ -143,7 +181,15 @@ def model_ema_methods(holder: torch.nn.Module) -> Dict[str, common.Method]:
 
 
 def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
-    if case.fn == "model_ema":
+    tmp = None
+    if case.fn == "power_ema":
+        tmp = tempfile.TemporaryDirectory()
+        g = torch.Generator(device=device).manual_seed(0)
+        holder = common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                     for s in common.SHAPE_SETS[case.shapes]()])
+        fns = {k: m.run for k, m in power_ema_methods(holder, tmp.name).items()}
+        baseline = "ema_pytorch_post_hoc" if "ema_pytorch_post_hoc" in fns else "wavg_ext_2x_ema_"
+    elif case.fn == "model_ema":
         g = torch.Generator(device=device).manual_seed(0)
         holder = common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
                                      for s in common.SHAPE_SETS[case.shapes]()])
@@ -157,6 +203,8 @@ def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
                "wavg_ext_averaged_model": lambda: ours.update_parameters(holder)}
         baseline = "torch_averaged_model"
     nbytes = 3 * sum(p.numel() * p.element_size() for p in holder.parameters())
+    if case.fn == "power_ema":  # read x once, read and write two float32 averages
+        nbytes = sum(p.numel() * (p.element_size() + 2 * len(POWER_SIGMA_RELS) * 4) for p in holder.parameters())
     axpy = common.ceilings(nbytes, device)["ceiling_axpy"]()
     fns["ceiling_axpy"] = axpy.run
     times = common.time_interleaved(fns, device, rounds)
@@ -168,7 +216,13 @@ def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
                          tensors=len(list(holder.parameters())), bytes=nbytes, rounds=rounds, ms=t * 1e3,
                          floor_ms=floor * 1e3, x_floor=t / floor, gbps=nbytes / t / 1e9, triad_gbps=nbytes / floor / 1e9,
                          baseline=baseline, speedup_vs_torch=med[baseline] / t))
+        if case.fn == "power_ema":
+            x = common.itemsize(case.dtype)  # (float32 averages: 4 bytes)
+            rows[-1]["x_one_ema"] = t / med["wavg_ext_one_ema_"]
+            rows[-1]["floor_x_one_ema"] = (x + 2 * len(POWER_SIGMA_RELS) * 4) / (x + 2 * 4)
     del holder, fns, axpy
+    if tmp is not None:
+        tmp.cleanup()
     common.free(device)
     return rows
 
@@ -181,5 +235,8 @@ def format_case(case: DropInCase, rows: List[dict]) -> str:
              f"  {'method':<30}{'ms':>10}{'GB/s':>9}{'x floor':>9}  speedup vs {r0['baseline']}"]
     for r in rows:
         lines.append(f"  {r['method']:<30}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['x_floor']:>8.2f}x"
-                     f"{r['speedup_vs_torch']:>9.2f}x")
+                     f"{r['speedup_vs_torch']:>9.2f}x" + (f"  {r['x_one_ema']:.2f}x one ema_" if "x_one_ema" in r else ""))
+    if case.fn == "power_ema":
+        lines.append(f"  (GB/s and x floor count the fused op's bytes for every method; ema_many_'s floor is "
+                     f"{r0['floor_x_one_ema']:.2f}x one ema_: its bytes over one EMA's)")
     return "\n".join(lines)

@@ -137,7 +137,8 @@ def _make_op(spec: dict):
         elif arg.name == spec["scalar"]:
             annotations[arg.name] = Scalar
         else:
-            annotations[arg.name] = {"int": int, "float": float, "Tensor": torch.Tensor}[kind]
+            annotations[arg.name] = {"int": int, "float": float, "Tensor": torch.Tensor,
+                                     "List[float]": Sequence[float]}[kind]
         params.append(f"{arg.name}={arg.default_value!r}" if arg.has_default_value() else arg.name)
     lists = [a.name for a in schema.arguments if str(a.type) == "List[Tensor]"]
     if spec["kind"] not in ("pair", "compensated"):
@@ -161,6 +162,49 @@ def _make_op(spec: dict):
 for _name, _spec in _SPECS.items():
     globals()[_name] = _make_op(_spec)
 del _name, _spec
+
+
+
+def _profiles(avgs: Any, xs: Sequence[torch.Tensor], weights: Any) -> Tuple[list, list]:
+    """ema_many_'s public form (one list of averages per profile) as the registered op takes
+    it (the lists concatenated), with its weights as a list; raises on a wrong nesting."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"ema_many_: weights must be a list or tuple of numbers, got {type(weights).__name__}")
+    if isinstance(avgs, torch.Tensor) or not isinstance(avgs, (list, tuple)):
+        raise TypeError(f"ema_many_: avgs must be a list of lists of tensors (one per profile), "
+                        f"got {type(avgs).__name__}")
+    if len(avgs) != len(weights):
+        raise ValueError(f"ema_many_: avgs has {len(avgs)} lists (profiles) but weights has {len(weights)} entries")
+    flat = []
+    for p, profile in enumerate(avgs):
+        if isinstance(profile, torch.Tensor) or not isinstance(profile, (list, tuple)):
+            raise TypeError(f"ema_many_: avgs[{p}] must be a list of tensors (profile {p}'s averages), "
+                            f"got {type(profile).__name__}")
+        if len(profile) != len(xs):
+            raise ValueError(f"ema_many_: avgs[{p}] has {len(profile)} tensors but xs has {len(xs)}")
+        flat += profile
+    return flat, list(weights)
+
+
+def _check_ema_many(avgs: Sequence[TensorList], xs: TensorList, weights: Sequence[float]) -> None:
+    xs = _as_list("xs", xs)
+    flat, weights = _profiles(avgs, xs, weights)
+    _C.check_ema_many(flat, xs, weights)
+
+
+def ema_many_(avgs: Sequence[TensorList], xs: TensorList, weights: Sequence[float]) -> None:
+    xs = _as_list("xs", xs)
+    flat, weights = _profiles(avgs, xs, weights)
+    if not _use_kernels(flat):
+        _C.check_ema_many(flat, xs, weights)
+        reference.ema_many_(flat, xs, weights)
+    elif torch.compiler.is_compiling():
+        torch.ops.wavg_ext.ema_many_(flat, xs, weights)
+    else:
+        _C.ema_many_(flat, xs, weights)
+
+
+ema_many_.__doc__ = reference.ema_many_.__doc__
 
 from .basis import new_basis, orthonormalize_many_  # noqa: E402
 from .basis import _check_many as _check_orthonormalize_many  # noqa: E402
@@ -198,6 +242,8 @@ _VALIDATORS: Dict[str, _Validator] = {
     **{name: _validator(globals()[name], _check_of(spec), len(spec["lists"])) for name, spec in _SPECS.items()},
     # (its list is read with list(), as the op reads it)
     "orthonormalize_many_": _validator(orthonormalize_many_, _check_orthonormalize_many, 0),
+    # (its averages are a list of lists: read as the op reads them)
+    "ema_many_": _validator(ema_many_, _check_ema_many, 0),
 }
 
 
@@ -214,8 +260,8 @@ def validate(op: str, *args) -> None:
     this function run the same C++ checks.
 
     ``op`` is the name of one of the ops: running_mean_, ema_, accumulate_, scale_copy_,
-    running_mean_compensated_, ema_compensated_, nonfinite_flag, ema_stochastic_, dots, combine_,
-    project_, orthonormalize_, orthonormalize_many_ (an unknown name raises ValueError).
+    running_mean_compensated_, ema_compensated_, nonfinite_flag, ema_stochastic_, ema_many_, dots,
+    combine_, project_, orthonormalize_, orthonormalize_many_ (an unknown name raises ValueError).
     """
     v = _VALIDATORS.get(op) if isinstance(op, str) else None
     if v is None:

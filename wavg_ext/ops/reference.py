@@ -19,7 +19,7 @@ import torch
 Scalar = Union[float, int, torch.Tensor]
 
 __all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
-           "ema_compensated_", "nonfinite_flag", "ema_stochastic_", "dots", "combine_", "project_", "orthonormalize_"]
+           "ema_compensated_", "nonfinite_flag", "ema_stochastic_", "ema_many_", "dots", "combine_", "project_", "orthonormalize_"]
 
 
 def _opmath(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
@@ -228,6 +228,22 @@ def ema_stochastic_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], we
             continue
         v = torch.lerp(avg.to(torch.float32), x.to(torch.float32), float(weight))
         avg.copy_(_stochastic_bfloat16(v, _memory_order(avg), _splitmix64(seed_key ^ i)))
+
+
+def ema_many_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    """P exponential averages of the same tensors in one pass: for every profile p,
+    ``ema_(avgs[p], xs, weights[p])``, with ema_'s arithmetic and the same bits, but each x
+    is read once for all profiles (2P + 1 tensor-sized streams instead of 3P: two profiles
+    cost at best 5/3 of one EMA, not 2).
+
+    ``avgs`` is a list of P lists, ``avgs[p][i]`` being profile p's average of ``xs[i]``
+    (each validated as ema_ validates its lists; no two profiles may share memory);
+    ``weights`` P finite numbers, ``weights[p] = 1 - decay_p``. (The registered op,
+    ``torch.ops.wavg_ext.ema_many_``, takes the P lists concatenated, profile after profile.)
+    """
+    n = len(xs)
+    for p, weight in enumerate(weights):
+        ema_(avgs[p * n:(p + 1) * n], xs, float(weight))
 
 
 # --------------------------------------------------------------------------- basis ops

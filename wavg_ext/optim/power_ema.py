@@ -123,17 +123,23 @@ class PowerEMA(WeightAveraging):
         n = self._num
         t = self._position
         betas = [0.0 if n == 0 else power_ema_beta(g, t, self.every) for g in self.gammas]
-        for k, beta in enumerate(betas):
-            if k == 0:
-                def pick(avgs, srcs, comps, positions):
-                    return avgs, srcs
-            else:
-                def pick(avgs, srcs, comps, positions, values=self._extra[k - 1]):
-                    return [values[i] for i in positions], srcs
-            if beta == 0.0:
-                self._run_ops("scale_copy_", 1.0, pick, planned=True, plan_key=f"scale_copy_/{k}")
-            else:
-                self._run_ops("ema_", 1.0 - beta, pick, planned=True, plan_key=f"ema_/{k}")
+        if len(betas) > 1 and all(b != 0.0 for b in betas):
+            # Every profile from one read of the weights (ops.ema_many_).
+            def pick_all(avgs, srcs, comps, positions):
+                return [avgs] + [[values[i] for i in positions] for values in self._extra], srcs
+            self._run_ops("ema_many_", [1.0 - b for b in betas], pick_all)
+        else:  # the first sample copies (beta 0), or one profile: per profile
+            for k, beta in enumerate(betas):
+                if k == 0:
+                    def pick(avgs, srcs, comps, positions):
+                        return avgs, srcs
+                else:
+                    def pick(avgs, srcs, comps, positions, values=self._extra[k - 1]):
+                        return [values[i] for i in positions], srcs
+                if beta == 0.0:
+                    self._run_ops("scale_copy_", 1.0, pick, planned=True, plan_key=f"scale_copy_/{k}")
+                else:
+                    self._run_ops("ema_", 1.0 - beta, pick, planned=True, plan_key=f"ema_/{k}")
         if self._int_slots:
             torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
         self._num = n + 1
