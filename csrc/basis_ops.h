@@ -1,12 +1,12 @@
 // The ops with their own signatures (the basis ops of TWA, nonfinite_flag,
-// ema_stochastic_ and ema_many_), each
+// ema_stochastic_, ema_many_ and window_push_), each
 // one traits struct: the rest of the registry (schema, Meta/Autograd/fallback
 // registrations, the kernels of every backend, the Python entries and checks, and
 // _C.op_specs()) is generated from these by op_entries.h / registry.cpp.
 //
 // A traits struct provides
 //   kName, kSchema                 the op's name and its full schema
-//   kKind                          "basis" (TWA's basis ops), "reduction", "stochastic" or "many"
+//   kKind                          "basis" (TWA's basis ops), "reduction", "stochastic", "many" or "window"
 //   Signature                      R(Args...), the C++ signature the schema maps to
 //   kLists                         the names of its TensorList arguments, in order
 //   kWritten                       which of those lists the op modifies (bitmask)
@@ -171,6 +171,29 @@ struct EmaManyOp {
   }
 };
 
+// The sum of a sliding window of samples, one step: sum <- sum + (x - slot), slot <- x
+// (pair_args.h: prepare_window_push). With slots as a ring of the last k samples (zeros
+// while the window fills), sums stay the sum of the window for one read of each list.
+struct WindowPushOp {
+  static constexpr const char* kKind = "window";
+  static constexpr const char* kName = "window_push_";
+  static constexpr const char* kSchema =
+      "window_push_(Tensor(a!)[] sums, Tensor(b!)[] slots, Tensor[] xs) -> ()";
+  using Signature = void(at::TensorList, at::TensorList, at::TensorList);
+  static constexpr const char* kLists[] = {"sums", "slots", "xs"};
+  static constexpr unsigned kWritten = (1u << 0) | (1u << 1);
+  static constexpr int kDeviceList = 0;
+  static void check(at::TensorList sums, at::TensorList slots, at::TensorList xs) {
+    prepare_window_push(sums, slots, xs, /*plan_layout=*/false);
+  }
+  template <typename Kernels>
+  static void run(at::TensorList sums, at::TensorList slots, at::TensorList xs) {
+    PairPlan plan = prepare_window_push(sums, slots, xs);
+    Kernels::window_push(plan);
+    plan.finish();
+  }
+};
+
 // Every such op: BasisOps::for_each(f) calls f(static_cast<Op*>(nullptr)) for each, in order.
 template <typename... Ops>
 struct OpList {
@@ -181,6 +204,6 @@ struct OpList {
 };
 using BasisOps =
     OpList<DotsOp, CombineOp, ProjectOp, OrthonormalizeOp, NonfiniteFlagOp, EmaStochasticOp,
-           EmaManyOp>;
+           EmaManyOp, WindowPushOp>;
 
 }  // namespace wavg_ext

@@ -47,10 +47,12 @@ std::string pair_rule_text(PairRule rule) {
 // Validates the lists. With a plan, it also records each non-empty pair that is
 // dense with the same layout on both sides as a view (the usual case, done in the
 // same pass) and returns the indices of the other pairs for plan_slow_pairs().
-// `aux` (the compensated ops' comps, checked against outs by check_comps) joins the
-// overlap check as outputs, and each planned pair gets its aux pointer.
+// `aux` (the compensated ops' comps or window_push_'s slots, named aux_name, checked
+// against outs before) joins the overlap check as outputs, and each planned pair gets its
+// aux pointer.
 std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::TensorList ins,
-                                   PairPlan* plan, at::TensorList aux = {}) {
+                                   PairPlan* plan, at::TensorList aux = {},
+                                   const char* aux_name = "comps") {
   TORCH_CHECK_VALUE(outs.size() == ins.size(), spec.name, ": ", spec.out_name, " has ",
                     outs.size(), " tensors but ", spec.in_name, " has ", ins.size());
   TORCH_CHECK_VALUE(outs.size() < (size_t{1} << 31), spec.name, ": too many tensors");
@@ -98,7 +100,7 @@ std::vector<size_t> validate_lists(const OpSpec& spec, at::TensorList outs, at::
     void* aux_data = nullptr;
     if (!aux.empty()) {
       aux_data = aux[i].data_ptr();
-      spans.push_back(span_of(aux[i], aux_data, true, true, i, "comps"));
+      spans.push_back(span_of(aux[i], aux_data, true, true, i, aux_name));
     }
     if (!plan) continue;
     if (out_dense && in_dense && same_layout(out, in)) {
@@ -171,7 +173,7 @@ void plan_slow_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList ins
       in_work.copy_(in);
       plan.temporaries.push_back(in_work);
     }
-    // (with aux, outs are dense: check_comps requires it, so out_work is out)
+    // (with aux, outs are dense: check_comps / check_slots require it, so out_work is out)
     plan.pairs.push_back({out_work.data_ptr(), in_work.const_data_ptr(), out.numel(),
                           out.scalar_type(), in.scalar_type(),
                           aux.empty() ? nullptr : aux[i].data_ptr(), static_cast<int64_t>(i)});
@@ -189,9 +191,9 @@ void set_scalar(const OpSpec& spec, const at::Tensor& scalar, at::TensorList out
 
 template <typename Scalar>
 PairPlan prepare_impl(const OpSpec& spec, at::TensorList outs, at::TensorList ins, const Scalar& scalar,
-                      bool layout, at::TensorList aux) {
+                      bool layout, at::TensorList aux, const char* aux_name = "comps") {
   PairPlan plan;
-  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr, aux);
+  const auto slow = validate_lists(spec, outs, ins, layout ? &plan : nullptr, aux, aux_name);
   set_scalar(spec, scalar, outs, plan);
   if (plan.scalar.skip) {
     plan.pairs.clear();  // validated, nothing to do
@@ -364,6 +366,46 @@ ManyPlan prepare_ema_many(at::TensorList avgs, at::TensorList xs, at::ArrayRef<d
     for (auto& w : plan.writebacks) many.writebacks.push_back(std::move(w));
   }
   return many;
+}
+
+namespace {
+
+// window_push_'s slots against its sums and xs, before prepare_pairs looks at (sums, xs):
+// a slot holds a sample (xs' dtype and shape) and sits beside its sum (same device,
+// strides, both dense: the sum needs no temporary).
+void check_slots(at::TensorList sums, at::TensorList slots, at::TensorList xs) {
+  const OpSpec& spec = spec::window_push;
+  TORCH_CHECK_VALUE(slots.size() == sums.size(), spec.name, ": slots has ", slots.size(),
+                    " tensors but sums has ", sums.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const at::Tensor& s = sums[i];
+    const at::Tensor& o = slots[i];
+    check_tensor(spec.name, "sums", i, s);
+    check_tensor(spec.name, "slots", i, o);
+    if (i < xs.size() && xs[i].defined()) {
+      TORCH_CHECK_TYPE(o.scalar_type() == xs[i].scalar_type(), spec.name, ": slots[", i, "] is ",
+                       o.scalar_type(), " but xs[", i, "] is ", xs[i].scalar_type(),
+                       "; a slot holds a sample in its own dtype");
+    }
+    TORCH_CHECK_VALUE(o.sizes() == s.sizes(), spec.name, ": slots[", i, "] has shape ", o.sizes(),
+                      " but sums[", i, "] has shape ", s.sizes());
+    TORCH_CHECK_VALUE(o.device() == s.device(), spec.name, ": slots[", i, "] is on ", o.device(),
+                      " but sums[", i, "] is on ", s.device());
+    if (s.device().type() == c10::DeviceType::Meta || s.numel() == 0) continue;
+    TORCH_CHECK_VALUE(s.is_non_overlapping_and_dense() && o.is_non_overlapping_and_dense() &&
+                          s.strides() == o.strides(),
+                      spec.name, ": sums[", i, "] and slots[", i,
+                      "] must be dense with the same strides (e.g. slots[i] = "
+                      "torch.zeros_like(sums[i], dtype=xs[i].dtype))");
+  }
+}
+
+}  // namespace
+
+PairPlan prepare_window_push(at::TensorList sums, at::TensorList slots, at::TensorList xs,
+                             bool plan_layout) {
+  check_slots(sums, slots, xs);
+  return prepare_impl(spec::window_push, sums, xs, 1.0, plan_layout, slots, "slots");
 }
 
 std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs) {

@@ -165,6 +165,17 @@ struct ManyPlan : PlanTemporaries {
 ManyPlan prepare_ema_many(at::TensorList avgs, at::TensorList xs, at::ArrayRef<double> weights,
                           bool plan_layout = true);
 
+// window_push_ (basis_ops.h): sum <- sum + (x - slot), then slot <- x, for a sum of the
+// last k samples kept beside a ring of them (LAWA). sums pair with xs as ema_'s averages
+// do; a slot has its x's dtype and its sum's shape, device and strides (both dense).
+// Each planned pair gets its slot as `aux`.
+namespace spec {
+inline constexpr OpSpec window_push{"window_push_", "sums", "xs", "", "", PairRule::kAverage,
+                                    ScalarRule::kFinite, true, false};
+}
+PairPlan prepare_window_push(at::TensorList sums, at::TensorList slots, at::TensorList xs,
+                             bool plan_layout = true);
+
 // nonfinite_flag's input: tensors of supported dtypes on one device. Returns the
 // (tensor, contiguous copy or itself) list to scan.
 std::vector<at::Tensor> prepare_flag_inputs(at::TensorList xs);

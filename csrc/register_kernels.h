@@ -5,6 +5,7 @@
 //   nonfinite_flag                       at::Tensor(at::TensorList)
 //   ema_stochastic                       void(PairPlan&, int64_t seed) (after validation)
 //   ema_many                             void(ManyPlan&) (after validation)
+//   window_push                          void(PairPlan&) (after validation; aux: the slots)
 //   Rows                                 the row backend of basis_composite.h
 #pragma once
 

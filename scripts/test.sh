@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pytest tests benchmarks --benchmark-disable -q "$@"
 
-OP_TESTS=(tests/test_all_ops.py tests/test_running_mean.py tests/test_ema.py tests/test_ema_many.py tests/test_accumulate.py
+OP_TESTS=(tests/test_all_ops.py tests/test_running_mean.py tests/test_ema.py tests/test_ema_many.py tests/test_window_push.py
+          tests/test_accumulate.py
           tests/test_scale_copy.py tests/test_compensated.py tests/test_dots.py tests/test_combine.py
           tests/test_project.py tests/test_orthonormalize.py tests/test_orthonormalize_many.py
           tests/test_dispatch.py tests/test_validation.py)

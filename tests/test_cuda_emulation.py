@@ -130,7 +130,7 @@ def test_ops_inside_the_context_launch_emulated_kernels_and_outside_do_not():
 
 @pytest.mark.parametrize("call", ["running_mean_", "ema_", "accumulate_", "scale_copy_",
                                   "running_mean_compensated_", "ema_compensated_", "nonfinite_flag",
-                                  "ema_stochastic_", "ema_many_", "dots", "combine_", "project_",
+                                  "ema_stochastic_", "ema_many_", "window_push_", "dots", "combine_", "project_",
                                   "orthonormalize_",
                                   "orthonormalize_many_"])
 def test_every_op_runs_on_the_emulator(call):
@@ -151,6 +151,7 @@ def test_every_op_runs_on_the_emulator(call):
         "nonfinite_flag": lambda: ops.nonfinite_flag(xs),
         "ema_stochastic_": lambda: ops.ema_stochastic_([x.bfloat16() for x in xs], xs, 0.1, 3),
         "ema_many_": lambda: ops.ema_many_([avgs, comps], xs, [0.1, 0.2]),
+        "window_push_": lambda: ops.window_push_([a.double() for a in avgs], comps, xs),
         "dots": lambda: ops.dots(basis, xs, 3),
         "combine_": lambda: ops.combine_(avgs, basis, torch.ones(3), 1.0, 0.0),
         "project_": lambda: ops.project_(avgs, basis, 3),

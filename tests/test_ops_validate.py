@@ -81,6 +81,12 @@ CASES = {
         "nonfinite_weight": lambda: ([[_f(3)]], [_f(3, seed=1)], [float("nan")]),
         "aliased": lambda: (lambda t: ([[t], [t]], [_f(3, seed=1)], [0.25, 0.5]))(_f(3)),
     },
+    "window_push_": {
+        "good": lambda: ([_f(3, dtype=torch.float64)], [_f(3, seed=2)], [_f(3, seed=1)]),
+        "slot_dtype": lambda: ([_f(3, dtype=torch.float64)], [_f(3, seed=2, dtype=torch.float64)], [_f(3, seed=1)]),
+        "length": lambda: ([_f(3, dtype=torch.float64)], [], [_f(3, seed=1)]),
+        "aliased": lambda: (lambda t: ([_f(3, dtype=torch.float64)], [t], [t]))(_f(3)),
+    },
     "dots": {
         "good": lambda: (_basis(), [_f(3, 2), _f(5)], 3),
         "k_too_big": lambda: (_basis(), [_f(3, 2), _f(5)], 5),

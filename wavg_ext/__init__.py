@@ -90,11 +90,11 @@ from .merge import greedy_soup, merge_checkpoints  # noqa: E402
 from . import compat  # noqa: E402
 from .swa_utils import (AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn, get_swa_avg_fn,  # noqa: E402
                         get_swa_multi_avg_fn)
-from .optim import (EMA, PSWA, PSWM, PWALKS, SWA, TWA, NonFiniteSampleWarning, PeriodicSWA, PostHocEMA, PowerEMA,  # noqa: E402
+from .optim import (EMA, LAWA, PSWA, PSWM, PWALKS, SWA, TWA, NonFiniteSampleWarning, PeriodicSWA, PostHocEMA, PowerEMA,  # noqa: E402
                     RankDeficientSampleWarning, WeightAveraging, cyclic_lr, synthesize_ema)
 
 __all__ = ["ops", "optim", "build_info", "update_bn", "cyclic_lr", "AveragedModel", "ModelEMA", "compat", "get_ema_multi_avg_fn",
-           "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn", "WeightAveraging", "SWA", "EMA", "PowerEMA", "PostHocEMA", "synthesize_ema", "PSWA",
+           "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn", "WeightAveraging", "SWA", "EMA", "PowerEMA", "PostHocEMA", "synthesize_ema", "LAWA", "PSWA",
            "PWALKS", "PSWM", "PeriodicSWA", "TWA", "RankDeficientSampleWarning", "NonFiniteSampleWarning",
            "merge_checkpoints", "greedy_soup", "__version__"]
 

@@ -41,20 +41,7 @@ void compensated_range(T* avg, T* comp, const in_t* x, int64_t n, double w, bool
     IO::load(a, a0, a1);  // the rounded average, back in float64
     IO::store(c, v0 - a0, v1 - a1);
   };
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) block(avg + i, comp + i, x + i);
-  if (i < n) {  // the tail through the same code, via small buffers
-    const int64_t rest = n - i;
-    alignas(64) T abuf[kStep] = {};
-    alignas(64) T cbuf[kStep] = {};
-    alignas(64) in_t xbuf[kStep] = {};
-    std::memcpy(abuf, avg + i, rest * sizeof(T));
-    std::memcpy(cbuf, comp + i, rest * sizeof(T));
-    std::memcpy(xbuf, x + i, rest * sizeof(in_t));
-    block(abuf, cbuf, xbuf);
-    std::memcpy(avg + i, abuf, rest * sizeof(T));
-    std::memcpy(comp + i, cbuf, rest * sizeof(T));
-  }
+  run_blocks3<kStep>(avg, comp, x, n, block);
 }
 
 void apply_compensated(const PairPlan& plan, double w, bool copy) {

@@ -28,6 +28,8 @@ struct KernelTable {
   void (*ema_stochastic)(PairPlan& plan, int64_t seed);
   // ema_many_ on the validated plan: every profile's averages from one read of the weights.
   void (*ema_many)(ManyPlan& plan);
+  // window_push_ on the validated plan (each pair's slot as aux).
+  void (*window_push)(PairPlan& plan);
   // The row engine of the basis ops (rows_cpu.cpp): out[i*ny + j] = <a_i, y_j> in float64,
   // and y_j <- beta * y_j + sum_i m[j*na + i] * a_i.
   void (*rows_dot)(const RowPlan& plan, bool symmetric, double* out);

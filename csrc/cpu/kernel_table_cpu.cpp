@@ -11,6 +11,7 @@ const KernelTable& kernel_table() {
       &nonfinite_flag_cpu,
       &ema_stochastic_cpu,
       &ema_many_cpu,
+      &window_push_cpu,
       &rows_dot,
       &rows_mix_,
   };

@@ -21,6 +21,7 @@ WAVG_EXT_ALL_PAIR_OPS(WAVG_EXT_DECLARE_CPU_KERNEL)
 at::Tensor nonfinite_flag_cpu(at::TensorList xs);
 void ema_stochastic_cpu(PairPlan& plan, int64_t seed);
 void ema_many_cpu(ManyPlan& plan);
+void window_push_cpu(PairPlan& plan);
 void rows_dot(const RowPlan& plan, bool symmetric, double* out);
 void rows_mix_(const RowPlan& plan, const double* m, double beta, bool y_aliases_a);
 

@@ -90,6 +90,27 @@ void run_range(out_t* out, const in_t* in, int64_t n, const Op& op) {
   }
 }
 
+// Runs block(a, b, x) on n elements of two written arrays a, b and a read one x, kStep at
+// a time; the tail goes through small zeroed buffers, so every element gets identical
+// arithmetic wherever it sits (the three-list kernels: compensated ops, window_push_).
+template <int64_t kStep, typename A, typename B, typename X, typename Block>
+void run_blocks3(A* a, B* b, const X* x, int64_t n, const Block& block) {
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) block(a + i, b + i, x + i);
+  if (i < n) {
+    const int64_t rest = n - i;
+    alignas(64) A abuf[kStep] = {};
+    alignas(64) B bbuf[kStep] = {};
+    alignas(64) X xbuf[kStep] = {};
+    std::memcpy(abuf, a + i, rest * sizeof(A));
+    std::memcpy(bbuf, b + i, rest * sizeof(B));
+    std::memcpy(xbuf, x + i, rest * sizeof(X));
+    block(abuf, bbuf, xbuf);
+    std::memcpy(a + i, abuf, rest * sizeof(A));
+    std::memcpy(b + i, bbuf, rest * sizeof(B));
+  }
+}
+
 // Elements per work item: large enough to amortize the per-item dispatch, small
 // enough that splitting items between threads balances well.
 constexpr int64_t kItemElements = 32768;

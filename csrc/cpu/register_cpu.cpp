@@ -41,6 +41,9 @@ struct CpuKernels {
   static void ema_many(ManyPlan& p) {
     WAVG_EXT_CPU_OR_EMULATED(kernels().ema_many, cuda::ema_many_cuda, p);
   }
+  static void window_push(PairPlan& p) {
+    WAVG_EXT_CPU_OR_EMULATED(kernels().window_push, cuda::window_push_cuda, p);
+  }
   struct Rows {
     static at::Tensor dot(const RowPlan& plan, bool symmetric) {
       return WAVG_EXT_CPU_OR_EMULATED(CpuRows::dot, cuda::CudaRows::dot, plan, symmetric);

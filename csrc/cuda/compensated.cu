@@ -76,14 +76,8 @@ void run_compensated(const PairPlan& plan, bool running_mean) {
   }
   for (const auto& group : groups) {
     const c10::ScalarType out = group.first.first, in = group.first.second;
-    dispatch_pair(out, in, [&](auto o, auto x) {
-      using out_t = decltype(o);
-      using in_t = decltype(x);
-      if constexpr (kAveragePair<out_t, in_t>) {  // (the only pairs validation admits here)
-        launch_compensated<out_t, in_t>(group.second, stream, scalar, running_mean);
-      } else {
-        TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);
-      }
+    dispatch_average_pair(out, in, [&](auto o, auto x) {
+      launch_compensated<decltype(o), decltype(x)>(group.second, stream, scalar, running_mean);
     });
   }
 }

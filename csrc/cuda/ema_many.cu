@@ -126,14 +126,8 @@ void ema_many_cuda(ManyPlan& plan) {
     }
     for (const auto& group : groups) {
       const ScalarType out = group.first.first, in = group.first.second;
-      dispatch_pair(out, in, [&](auto o, auto x) {
-        using out_t = decltype(o);
-        using in_t = decltype(x);
-        if constexpr (kAveragePair<out_t, in_t>) {  // (the only pairs validation admits here)
-          launch_many_group<out_t, in_t>(plan, group.second, stream);
-        } else {
-          TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);
-        }
+      dispatch_average_pair(out, in, [&](auto o, auto x) {
+        launch_many_group<decltype(o), decltype(x)>(plan, group.second, stream);
       });
     }
   }

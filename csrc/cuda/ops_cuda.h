@@ -27,6 +27,9 @@ void ema_stochastic_cuda(PairPlan& plan, int64_t seed);
 // ema_many_ on the validated plan (ema_many.cu).
 void ema_many_cuda(ManyPlan& plan);
 
+// window_push_ on the validated plan (window_push.cu).
+void window_push_cuda(PairPlan& plan);
+
 // Basis ops with one partner row (plan.ny == 1). rows_dot_cuda writes out[i] = <row i, y>
 // (float64 [na], device) using partials (float64 [row_chunks(plan) * na], device) as
 // scratch; rows_mix_cuda does y <- beta*y + alpha * m @ rows (m: float64 [na], device).

@@ -168,6 +168,20 @@ void launch_group(const std::vector<TensorEntry<2>>& entries, cudaStream_t strea
   multi_tensor_apply<2>(entries, stream, /*work_base=*/0, PairFunctor<out_t, in_t, Op>{}, scalar);
 }
 
+// dispatch_pair for the read-modify-write kernels: calls f(out_t{}, in_t{}) for the pairs
+// an average (or sum) may form with its input (kAveragePair, the only pairs validation
+// admits there), so that no kernel is compiled for the assignment-only pairs.
+template <typename F>
+void dispatch_average_pair(c10::ScalarType out, c10::ScalarType in, const F& f) {
+  dispatch_pair(out, in, [&](auto o, auto x) {
+    if constexpr (kAveragePair<decltype(o), decltype(x)>) {
+      f(o, x);
+    } else {
+      TORCH_CHECK(false, "wavg_ext: unsupported dtype pair ", out, " / ", in);
+    }
+  });
+}
+
 // Runs Op over every pair of the plan: one multi-tensor-apply sequence per
 // (out dtype, in dtype) group, all on the current stream of the tensors' device.
 template <typename Op>

@@ -21,6 +21,7 @@ struct CudaKernels {
   static constexpr auto nonfinite_flag = &nonfinite_flag_entry;
   static constexpr auto ema_stochastic = &ema_stochastic_cuda;
   static constexpr auto ema_many = &ema_many_cuda;
+  static constexpr auto window_push = &window_push_cuda;
   using Rows = CudaRows;
 };
 

@@ -260,8 +260,9 @@ def validate(op: str, *args) -> None:
     this function run the same C++ checks.
 
     ``op`` is the name of one of the ops: running_mean_, ema_, accumulate_, scale_copy_,
-    running_mean_compensated_, ema_compensated_, nonfinite_flag, ema_stochastic_, ema_many_, dots,
-    combine_, project_, orthonormalize_, orthonormalize_many_ (an unknown name raises ValueError).
+    running_mean_compensated_, ema_compensated_, nonfinite_flag, ema_stochastic_, ema_many_,
+    window_push_, dots, combine_, project_, orthonormalize_, orthonormalize_many_ (an unknown name
+    raises ValueError).
     """
     v = _VALIDATORS.get(op) if isinstance(op, str) else None
     if v is None:

@@ -19,7 +19,7 @@ import torch
 Scalar = Union[float, int, torch.Tensor]
 
 __all__ = ["running_mean_", "ema_", "accumulate_", "scale_copy_", "running_mean_compensated_",
-           "ema_compensated_", "nonfinite_flag", "ema_stochastic_", "ema_many_", "dots", "combine_", "project_", "orthonormalize_"]
+           "ema_compensated_", "nonfinite_flag", "ema_stochastic_", "ema_many_", "window_push_", "dots", "combine_", "project_", "orthonormalize_"]
 
 
 def _opmath(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
@@ -244,6 +244,26 @@ def ema_many_(avgs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weights:
     n = len(xs)
     for p, weight in enumerate(weights):
         ema_(avgs[p * n:(p + 1) * n], xs, float(weight))
+
+
+@torch.no_grad()
+def window_push_(sums: Sequence[torch.Tensor], slots: Sequence[torch.Tensor], xs: Sequence[torch.Tensor]) -> None:
+    """One step of a sliding-window sum: sum <- sum + (x - slot), then slot <- x, for every
+    triple, in one pass (a read of sum, slot and x, a write of sum and slot).
+
+    With ``slots`` the ring slot of the oldest of the last k samples (zeros while the
+    window fills), ``sums`` stay the sum of the window: LAWA's ``sum += new - oldest``. The
+    difference and the sum are taken in float64 for float64 sums, float32 otherwise. A sum
+    pairs with its x as an EMA average does (float64, float32 for 16-bit x, or x's dtype);
+    a slot has x's dtype and its sum's shape and strides (``torch.zeros_like(sum,
+    dtype=x.dtype)``).
+    """
+    for s, o, x in zip(sums, slots, xs):
+        if s.numel() == 0:
+            continue
+        op = _opmath(s, x)
+        s.copy_(s.to(op) + (x.to(op) - o.to(op)))
+        o.copy_(x)
 
 
 # --------------------------------------------------------------------------- basis ops

@@ -432,7 +432,8 @@ class WeightAveraging(_WrappedOptimizer):
                  scalars: Optional[Callable[["WeightAveraging"], List[Any]]] = None, planned: bool = False,
                  plan_key: Optional[str] = None) -> None:
         """Runs ``ops.<op>(*pick(averages, sources, compensations, positions), scalar)`` for every
-        device group (``scalars(self)``: one per group instead, e.g. device tensors). The ops validate
+        device group (``scalars(self)``: one per group instead, e.g. device tensors; ``scalar``
+        None: the op takes none). The ops validate
         everything before they write, so when one refuses the model's tensors (a dtype or device
         changed under a parameter behind the per-step check), the wrapper adopts the model as it
         is now (:meth:`_adopt`) and runs again; with several device groups all are validated
@@ -448,11 +449,13 @@ class WeightAveraging(_WrappedOptimizer):
                 if not planned or self._dtensor_params:
                     calls = [pick(avgs, srcs, comps, positions) for (avgs, srcs, comps), positions in
                              zip(self._groups, self._group_indices)]
+                    # (scalar None: an op without a scalar, e.g. window_push_)
+                    calls = [args + ((sc,) if sc is not None else ()) for args, sc in zip(calls, per_group)]
                     if len(calls) > 1:
-                        for args, sc in zip(calls, per_group):
-                            ops.validate(op, *args, sc)
-                    for args, sc in zip(calls, per_group):
-                        fn(*args, sc)
+                        for args in calls:
+                            ops.validate(op, *args)
+                    for args in calls:
+                        fn(*args)
                     return
                 # The samples: the same lists every step, so plans validated once (one per op:
                 # a planned op always picks the same lists), re-checked cheaply each call.
@@ -917,6 +920,24 @@ class WeightAveraging(_WrappedOptimizer):
             "integer_buffer_names": list(self._int_buffer_names),
         }, optimizer)
 
+    def _saved_list(self, kind: str, tensors: Any, mine: List[torch.Tensor], finite: bool = False) -> List[torch.Tensor]:
+        """A saved list of per-position tensors (``kind`` in messages) checked against ``mine``
+        (count, shapes, dtypes; with ``finite``, values) and copied to their devices."""
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(mine):
+            raise ValueError(f"state dict {kind} must be a list of {len(mine)} tensors")
+        tensors = [local_tensor(t) for t in tensors]
+        _check_saved_tensors(kind, tensors, mine)
+        if finite:
+            self._refuse_nonfinite(kind, tensors)
+        return [t.to(device=m.device) for t, m in zip(tensors, mine)]
+
+    def _refuse_nonfinite(self, kind: str, tensors: Sequence[torch.Tensor]) -> None:
+        """ValueError naming the first of ``tensors`` (saved per position) that holds NaN or inf:
+        a damaged checkpoint must not become the model."""
+        bad = next((i for i, t in enumerate(tensors) if t.numel() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise ValueError(f"state dict {kind}[{bad}] ({self._position_name(bad)}) holds NaN or inf")
+
     def load_state_dict(self, state_dict: Dict[str, Any], optimizer: bool = True) -> None:
         """Restores a ``state_dict()``. Everything is checked first (settings, counters as
         non-negative ints, tensor count, shapes, dtypes, finite averages); the base optimizer
@@ -955,9 +976,7 @@ class WeightAveraging(_WrappedOptimizer):
         attempted = _saved_int(avg, "samples_attempted", num) if self.skip_nonfinite else num
         if num > 0:  # one pass over the averages: a damaged checkpoint must not become the model
             for kind, tensors in (("averages", saved), ("compensations", saved_comps)):
-                bad = [i for i, t in enumerate(tensors) if t.numel() and not bool(torch.isfinite(t).all())]
-                if bad:
-                    raise ValueError(f"state dict {kind}[{bad[0]}] ({self._position_name(bad[0])}) holds NaN or inf")
+                self._refuse_nonfinite(kind, tensors)
         if list(avg.get("buffer_names", ())) != self._buffer_names or \
                 list(avg.get("integer_buffer_names", ())) != self._int_buffer_names:
             raise ValueError("state dict averages other buffers than this wrapper's module has")

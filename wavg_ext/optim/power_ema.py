@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..distributed import like_param, local_tensor
+from ..distributed import like_param
 from ..power_ema import gamma_to_sigma_rel, power_ema_beta, sigma_rel_to_gamma
 from .averaging import WeightAveraging
-from .wrapper import _check_saved_tensors
 
 __all__ = ["PowerEMA"]
 
@@ -201,18 +200,8 @@ class PowerEMA(WeightAveraging):
         if not isinstance(saved, (list, tuple)) or len(saved) != len(self._extra):
             raise ValueError(f"state dict '{self._state_key}' must hold 'profiles': a list of {len(self._extra)} "
                              "lists of tensors (the profiles after the first)")
-        new: List[List[torch.Tensor]] = []
-        for k, (tensors, values) in enumerate(zip(saved, self._extra)):
-            if not isinstance(tensors, (list, tuple)) or len(tensors) != len(values):
-                raise ValueError(f"state dict profiles[{k}] must be a list of {len(values)} tensors")
-            tensors = [local_tensor(t) for t in tensors]
-            _check_saved_tensors(f"profiles[{k}]", tensors, values)
-            if section.get("num_averaged", 0):
-                bad = [i for i, t in enumerate(tensors) if t.numel() and not bool(torch.isfinite(t).all())]
-                if bad:
-                    raise ValueError(f"state dict profiles[{k}][{bad[0]}] ({self._position_name(bad[0])}) "
-                                     "holds NaN or inf")
-            new.append([t.to(device=v.device) for t, v in zip(tensors, values)])
+        new = [self._saved_list(f"profiles[{k}]", tensors, values, finite=bool(section.get("num_averaged", 0)))
+               for k, (tensors, values) in enumerate(zip(saved, self._extra))]
         super().load_state_dict(state_dict, optimizer)  # checks the rest; raises before any change
         with torch.no_grad():
             for tensors, values in zip(new, self._extra):
