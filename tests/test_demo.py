@@ -98,10 +98,71 @@ def test_cli_rejects_bad_arguments(capsys):
 def test_cli_plot_and_json(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png, out = tmp_path / "curves.png", tmp_path / "results.json"
-    demo.main(["--epochs", "2", "--methods", "sgd,pwalks", "--no-progress", "--plot", str(png), "--json", str(out)])
+    demo.main(["--clean", "--epochs", "2", "--methods", "sgd,pwalks", "--no-progress", "--plot", str(png),
+               "--json", str(out)])
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(out.read_text())
     assert list(saved["methods"]) == ["sgd", "pwalks"]
     assert len(saved["methods"]["pwalks"]["accuracy"]) == 2
     printed = capsys.readouterr().out
     assert "PWALKS" in printed and "environment: torch" in printed and "us per step" in printed
+
+
+def test_label_noise_flips_that_share_of_the_training_labels_only():
+    clean = demo.load_data(450, 0, val_size=150, train_images=600)
+    noisy = demo.load_data(450, 0, val_size=150, train_images=600, label_noise=0.35)
+    assert torch.equal(clean[0], noisy[0]) and torch.equal(clean[2], noisy[2]) and torch.equal(clean[3], noisy[3])
+    assert len(clean[1]) == 600
+    flipped = (clean[1] != noisy[1]).double().mean().item()
+    assert abs(flipped - 0.35) < 0.06, flipped
+    x_val, y_val = demo.load_validation(450, 0, 150, train_images=600, label_noise=0.35)
+    assert len(y_val) == 150 and not any(bool((x_val[i] == clean[0]).flatten(1).all(1).any()) for i in range(5))
+
+
+@pytest.fixture(scope="module")
+def short_study():
+    return demo.study(seeds=2, epochs=2, methods=demo.STUDY_METHODS)
+
+
+def test_study_reports_every_row_over_the_seeds(short_study):
+    assert short_study.seeds == [0, 1] and len(short_study.runs) == 2
+    rows = {r["key"]: r for r in short_study.rows()}
+    s = short_study.settings
+    expected = ["sgd", "swa", "ema", "ema_warmup", "power_ema", f"power_ema_{s.sigma_rels[1]:g}",
+                *(f"posthoc_{x:g}" for x in s.posthoc_sigma_rels), "lawa", "soup", "soup_epoch_average"]
+    assert list(rows) == expected
+    for key, row in rows.items():
+        finals = [run.methods[key].final for run in short_study.runs]
+        assert row["final"] == finals and abs(row["final_mean"] - sum(finals) / 2) < 1e-12, key
+        deltas = [run.methods[key].final - run.methods["sgd"].final for run in short_study.runs]
+        assert abs(row["delta_mean"] - sum(deltas) / 2) < 1e-12, key
+        assert row["above"] == sum(d > 0 for d in deltas) and row["below"] == sum(d < 0 for d in deltas)
+        assert all(len(run.methods[key].accuracy) == 2 for run in short_study.runs), key
+    soup = short_study.runs[0].methods["soup"]
+    assert soup.evaluated == ["greedy soup of 1 epoch averages", "greedy soup of 2 epoch averages"]
+    assert short_study.runs[0].methods["lawa"].evaluated == ["LAWA mean of 1", "LAWA mean of 2"]
+    table = short_study.table()
+    assert "greedy soup" in table and "post-hoc" in table and "base" in table
+    json.dumps(short_study.to_dict())
+    assert "label" in demo.describe_study(short_study)
+
+
+def test_study_cli_plot_and_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, out = tmp_path / "study.png", tmp_path / "study.json"
+    demo.main(["--seeds", "2", "--epochs", "1", "--methods", "sgd,lawa", "--no-progress", "--plot", str(png),
+               "--json", str(out)])
+    assert png.stat().st_size > 1000
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [0, 1] and [r["key"] for r in saved["rows"]] == ["sgd", "lawa"]
+    assert "seeds >/< SGD" in capsys.readouterr().out
+
+
+def test_study_cli_rejects_mixed_modes(capsys):
+    for argv, bad in ((["--seed", "3"], "--seed is for --clean"), (["--clean", "--seeds", "2"], "--seeds belongs"),
+                      (["--full", "--seeds", "2"], "not both"), (["--label-noise", "0.95"], "label_noise"),
+                      (["--train-images", "50"], "train_images")):
+        with pytest.raises(SystemExit) as exc:
+            demo.main(argv + ["--no-progress"])
+        assert exc.value.code == 2
+        assert bad in capsys.readouterr().err, argv
