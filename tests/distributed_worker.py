@@ -265,6 +265,36 @@ def bn_scenario(rank: int, world: int):
     return out
 
 
+def posthoc_scenario(kind: str, rank: int, world: int, out_dir: str):
+    """PostHocEMA under DDP (rank 0 writes whole snapshots) or FSDP2 (every rank its shards),
+    then synthesize_ema into a model sharded like the trained one and, on rank 0, into a whole
+    model in one process; "plain" is the one-process reference."""
+    directory = os.path.join(out_dir, f"posthoc-{kind}")
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,)) if kind == "fsdp" else None
+    if kind == "ddp":
+        model = DDP(model)
+    elif kind == "fsdp":
+        fully_shard(model, mesh=mesh)
+    wrapper = wavg_ext.PostHocEMA(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), sigma_rels=(0.05, 0.28),
+                                  snapshot_every=2, directory=directory, snapshot_dtype=torch.float32)
+    train(model, wrapper, batches(), range(STEPS), rank, world)
+    wrapper.wait()
+    if kind != "plain":
+        dist.barrier()  # every rank's files on disk
+    out = {"files": sorted(os.listdir(directory))}
+    target = make_model(seed=3)
+    if kind == "fsdp":
+        fully_shard(target, mesh=mesh)
+    out["coefficients"] = wavg_ext.synthesize_ema(directory, 0.1, into=target)
+    out["sharded"] = [full(p) for p in target.parameters()]
+    if rank == 0:
+        whole = make_model(seed=3)
+        wavg_ext.synthesize_ema(directory, 0.1, into=whole)
+        out["whole"] = [p.detach().clone() for p in whole.parameters()]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out_dir")
@@ -284,12 +314,15 @@ def main() -> None:
         for method in ("SWA", "TWA"):
             results[f"ckpt-{method}"] = checkpoint_scenario(method, rank, world, args.out_dir)
         results["from-checkpoints-fsdp"] = from_checkpoints_run("fsdp", rank, world)
+        for kind in ("ddp", "fsdp"):
+            results[f"posthoc-{kind}"] = posthoc_scenario(kind, rank, world, args.out_dir)
         results["bn"] = bn_scenario(rank, world)
     if rank == 0:
         if not args.resume_from:
             for method in ("SWA", "EMA", "PSWA", "TWA", "SWA-skip"):
                 results[f"reference-{method}"] = run_reference(method)
             results["reference-from-checkpoints"] = from_checkpoints_run("plain", 0, 1)
+            results["reference-posthoc"] = posthoc_scenario("plain", 0, 1, args.out_dir)
         results["world"] = world
         torch.save(results, os.path.join(args.out_dir, "results.pt"))
     dist.barrier()

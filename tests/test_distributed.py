@@ -1,6 +1,6 @@
 """wavg_ext under torch.distributed on CPU (gloo, 2 processes started with torchrun):
 DDP and FSDP2 (fully_shard) runs of SWA, EMA, PSWA and TWA against one process on the
-same global batches; what sharded TWA communicates; torch.distributed.checkpoint save,
+same global batches; what sharded TWA communicates; PostHocEMA's snapshots and their synthesis; torch.distributed.checkpoint save,
 load and continue (same and another world size); BN recalibration across ranks.
 The work itself is in distributed_worker.py; one torchrun run serves every test."""
 
@@ -76,6 +76,25 @@ def test_twa_from_checkpoints_sharded(runs):
     assert got["num_basis"] == ref["num_basis"] == 3
     assert _rel(got["weights"], ref["weights"]) <= 1e-6
     torch.testing.assert_close(got["coefficients"], ref["coefficients"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_posthoc_ema_snapshots_and_synthesis(runs, kind):
+    """PostHocEMA under DDP writes whole snapshots from rank 0; under FSDP2 every rank writes its
+    shards. synthesize_ema puts them into a model sharded alike (each rank its own files) and
+    into a whole model in one process: both equal one process's synthesis."""
+    results, _ = runs
+    got, ref = results[f"posthoc-{kind}"], results["reference-posthoc"]
+    snapshots = len(ref["files"])
+    assert snapshots == 12 and all(f.startswith("posthoc-ema-") for f in ref["files"])  # 24 steps, every 2
+    if kind == "fsdp":
+        assert len(got["files"]) == 2 * snapshots
+        assert sum(".rank00001-of-00002.pt" in f for f in got["files"]) == snapshots
+    else:
+        assert got["files"] == ref["files"]
+    torch.testing.assert_close(got["coefficients"], ref["coefficients"], rtol=0, atol=0)
+    assert _rel(got["sharded"], ref["sharded"]) <= 1e-6
+    assert _rel(got["whole"], ref["sharded"]) <= 1e-6
 
 
 def test_sharded_twa_all_reduces_k_floats_per_step(runs):

@@ -103,6 +103,32 @@ def test_bad_input(tmp_path):
         assert torch.equal(p, b)
 
 
+def test_directories_of_shards_are_checked(tmp_path):
+    """Shards of every rank for every step, and one kind of snapshot per directory (the files
+    of an FSDP2 run are named ...<step>.rank<r>-of-<w>.pt; tests/test_distributed.py runs one)."""
+    model = make()
+    ph = PostHocEMA(torch.optim.SGD(model.parameters(), lr=0.05), snapshot_every=5, directory=tmp_path / "whole")
+    train([(model, ph)], 10)
+    ph.wait()
+    whole = sorted((tmp_path / "whole").iterdir())
+    assert [f.name for f in whole] == ["posthoc-ema-0000000005.pt", "posthoc-ema-0000000010.pt"]
+    mixed, partial = tmp_path / "mixed", tmp_path / "partial"
+    mixed.mkdir()
+    partial.mkdir()
+    (mixed / whole[0].name).write_bytes(whole[0].read_bytes())
+    (mixed / "posthoc-ema-0000000010.rank00000-of-00002.pt").write_bytes(whole[1].read_bytes())
+    for rank in (0, 1):
+        (partial / f"posthoc-ema-0000000005.rank{rank:05d}-of-00002.pt").write_bytes(whole[0].read_bytes())
+    (partial / "posthoc-ema-0000000010.rank00000-of-00002.pt").write_bytes(whole[1].read_bytes())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="mixes whole snapshots and shards of \\[2\\] ranks"):
+        synthesize_ema(mixed, 0.1, into=model)
+    with pytest.raises(ValueError, match=r"the snapshot of step 10 lacks the shards of rank\(s\) \[1\]"):
+        synthesize_ema(partial, 0.1, into=model)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
 def test_public_names():
     assert wavg_ext.PostHocEMA is PostHocEMA and "synthesize_ema" in wavg_ext.__all__
     assert issubclass(PostHocEMA, PowerEMA) and copy.copy(PostHocEMA.method) == "PostHocEMA"

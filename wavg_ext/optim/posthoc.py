@@ -4,14 +4,15 @@ power-function EMA profiles during training, choose the EMA width afterwards.
 :class:`PostHocEMA` is a :class:`~wavg_ext.PowerEMA` that every ``snapshot_every`` steps
 saves its profiles (cast to ``snapshot_dtype``) to ``directory``; a background thread
 writes the files, so training waits only for the device-to-host copy. Under DDP only
-rank 0 writes.
+rank 0 writes; under FSDP2 every rank writes its own shards (``...<step>.rank<r>-of-<w>.pt``).
 
 :func:`synthesize_ema` reads such a directory, solves EDM2's least-squares problem in
 float64 for the coefficients of the snapshots whose combination is the power-function
 EMA of the requested ``sigma_rel`` at the last snapshot's time
 (:func:`wavg_ext.power_ema.posthoc_coefficients`), and streams the snapshots one at a
 time through the fused ``ops.accumulate_`` into float32 sums: memory of one model plus
-one snapshot.
+one snapshot. From sharded snapshots it synthesizes into the same sharded model (each
+rank reads its own files) or into a whole model in one process (the shards put together).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from .. import ops
+from ..distributed import is_dtensor, local_tensor
 from ..merge import load_checkpoint
 from ..power_ema import MAX_SIGMA_REL, posthoc_coefficients
 from .power_ema import PowerEMA
@@ -77,9 +80,12 @@ class PostHocEMA(PowerEMA):
             sigma_rels = (0.05, 0.28)
         super().__init__(optimizer, sigma_rels, every, start, gammas=gammas, module=module,
                          average_buffers=average_buffers, average_dtype=average_dtype)
-        if self._dtensor_params:
-            raise ValueError("PostHocEMA does not save sharded (DTensor/FSDP2) parameters yet: gather them or use "
-                             "PowerEMA")
+        for i, p in enumerate(self._params):
+            if is_dtensor(p) and (p.device_mesh.ndim != 1 or len(p.placements) != 1 or
+                                  not p.placements[0].is_shard(0)):
+                raise ValueError(f"PostHocEMA saves DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2's "
+                                 f"fully_shard); {self._position_name(i)} has placements {p.placements} on a "
+                                 f"{p.device_mesh.ndim}-D mesh")
         self.snapshot_every = snapshot_every
         self.directory = os.fspath(directory)
         self.snapshot_dtype = snapshot_dtype
@@ -90,9 +96,18 @@ class PostHocEMA(PowerEMA):
     def _config(self) -> Dict[str, Any]:
         return {**super()._config(), "snapshot_every": self.snapshot_every}
 
+    def _ranks(self) -> Optional[Tuple[int, int]]:
+        """(rank, world) when every rank saves its own shards (sharded parameters under
+        torch.distributed), else None."""
+        dist = torch.distributed
+        if self._dtensor_params and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return None
+
     def _writes(self) -> bool:
         dist = torch.distributed
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return self._ranks() is not None or not (dist.is_available() and dist.is_initialized()) or \
+            dist.get_rank() == 0
 
     def _position_done(self, position: int) -> None:
         super()._position_done(position)
@@ -112,7 +127,19 @@ class PostHocEMA(PowerEMA):
                         for k in range(self.num_profiles)]
         data = {"format": "wavg_ext.posthoc_ema/1", "time": position, "sigma_rels": list(self.sigma_rels),
                 "gammas": list(self.gammas), "num_params": self._num_params, "names": names, "profiles": profiles}
-        path = os.path.join(self.directory, f"{_PREFIX}{position:010d}.pt")
+        ranks = self._ranks()
+        suffix = ""
+        if ranks is not None:
+            rank, world = ranks
+            params = list(self._params) + [None] * (len(self._averages) - self._num_params)
+            # Where this rank's shard of each tensor starts in dim 0 (torch.chunk's split, as
+            # fully_shard's); None: a whole tensor on every rank (buffers, unsharded parameters).
+            offsets = [None if p is None or not is_dtensor(p) else min(rank * -(-p.shape[0] // world), p.shape[0])
+                       for p in params]
+            shapes = [list(p.shape) if p is not None else list(a.shape) for p, a in zip(params, self._averages)]
+            data["shard"] = {"rank": rank, "world": world, "offsets": offsets, "shapes": shapes}
+            suffix = f".rank{rank:05d}-of-{world:05d}"
+        path = os.path.join(self.directory, f"{_PREFIX}{position:010d}{suffix}.pt")
         if self._writer is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wavg_ext_posthoc")
         self._pending.append(self._writer.submit(_save_atomically, data, path))
@@ -146,15 +173,56 @@ def _save_atomically(data: Dict[str, Any], path: str) -> None:
     os.replace(tmp, path)  # a reader never sees half a snapshot
 
 
-def _snapshots(directory: Union[str, "os.PathLike[str]"]) -> List[str]:
+_NAME = re.compile(re.escape(_PREFIX) + r"(\d+)(?:\.rank(\d+)-of-(\d+))?\.pt$")
+
+
+def _snapshots(directory: Union[str, "os.PathLike[str]"]) -> Tuple[List[List[str]], Optional[int]]:
+    """The snapshot files of ``directory`` by time: one path per time, or under sharding one per
+    rank (in rank order), and the world size of sharded snapshots (None: whole ones)."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"synthesize_ema: directory must be a path, got {type(directory).__name__}")
     if not os.path.isdir(directory):
         raise ValueError(f"synthesize_ema: {os.fspath(directory)!r} is not a directory")
-    paths = sorted(glob.glob(os.path.join(os.fspath(directory), f"{_PREFIX}*.pt")))
-    if not paths:
+    found: Dict[int, Dict[Optional[int], str]] = {}
+    worlds = set()
+    for path in glob.glob(os.path.join(os.fspath(directory), f"{_PREFIX}*.pt")):
+        m = _NAME.search(os.path.basename(path))
+        if m is None:
+            continue
+        rank = None if m.group(2) is None else int(m.group(2))
+        worlds.add(None if m.group(3) is None else int(m.group(3)))
+        found.setdefault(int(m.group(1)), {})[rank] = path
+    if not found:
         raise ValueError(f"synthesize_ema: {os.fspath(directory)!r} holds no {_PREFIX}*.pt snapshots")
-    return paths
+    if len(worlds) > 1:
+        raise ValueError(f"synthesize_ema: {os.fspath(directory)!r} mixes whole snapshots and shards of "
+                         f"{sorted(w for w in worlds if w)} ranks: one run per directory")
+    world = worlds.pop()
+    groups = []
+    for time in sorted(found):
+        ranks = found[time]
+        want = [None] if world is None else list(range(world))
+        missing = [r for r in want if r not in ranks]
+        if missing:
+            raise ValueError(f"synthesize_ema: the snapshot of step {time} lacks the shards of rank(s) {missing}")
+        groups.append([ranks[r] for r in want])
+    return groups, world
+
+
+def _destinations(into: Any, names: List[str], num_params: int) -> Tuple[List[torch.Tensor], List[str]]:
+    """The tensors ``into`` gives for the snapshots' entries ``names`` (checked, nothing written)."""
+    if isinstance(into, nn.Module):
+        if all(not n.startswith(("parameter ", "buffer ")) for n in names):
+            own = dict(into.named_parameters())
+            own.update(into.named_buffers())
+            missing = [n for n in names if n not in own]
+            if missing:
+                raise ValueError(f"synthesize_ema: into has no parameter/buffer {missing[:5]}")
+            return [own[n] for n in names], names
+        return list(into.parameters()), names[:num_params]
+    if isinstance(into, torch.Tensor) or not isinstance(into, Sequence):
+        raise TypeError(f"synthesize_ema: into must be a module or a list of tensors, got {type(into).__name__}")
+    return list(into), names[:num_params]
 
 
 @torch.no_grad()
@@ -166,17 +234,25 @@ def synthesize_ema(directory: Union[str, "os.PathLike[str]"], sigma_rel: float,
     snapshots' names, buffers included, when PostHocEMA had ``module=``; else by position
     against its parameters) or a list of tensors (by position, the parameters). Returns the
     float64 coefficients, one per (snapshot, profile), snapshot-major.
+
+    Snapshots of FSDP2-sharded parameters (one file per rank) go into the same sharded model
+    (DTensor destinations: each rank reads its own files, as many ranks as saved them) or
+    into a whole model in one process (each tensor put together from the ranks' shards).
     """
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel < MAX_SIGMA_REL:
         raise ValueError(f"synthesize_ema: sigma_rel must be a number in (0, {MAX_SIGMA_REL:.6f}), got {sigma_rel!r}")
-    paths = _snapshots(directory)
+    groups, world = _snapshots(directory)
     heads, loaded = [], []
-    for i, path in enumerate(paths):  # each file unpickled once (memory-mapped: no tensor read yet)
-        data = load_checkpoint(path, f"snapshot {path}")
-        if data.get("format") != "wavg_ext.posthoc_ema/1":
-            raise ValueError(f"synthesize_ema: {path} is not a PostHocEMA snapshot")
+    for paths in groups:  # each file unpickled once (memory-mapped: no tensor read yet)
+        files = []
+        for path in paths:
+            data = load_checkpoint(path, f"snapshot {path}")
+            if data.get("format") != "wavg_ext.posthoc_ema/1":
+                raise ValueError(f"synthesize_ema: {path} is not a PostHocEMA snapshot")
+            files.append(data)
+        data = files[0]
         heads.append((int(data["time"]), list(data["sigma_rels"]), int(data["num_params"]), list(data["names"])))
-        loaded.append(data)
+        loaded.append(files)
     if time is None:
         time = heads[-1][0]
     elif isinstance(time, bool) or not isinstance(time, int) or time < 1:
@@ -192,40 +268,48 @@ def synthesize_ema(directory: Union[str, "os.PathLike[str]"], sigma_rel: float,
     sigmas = [s for _, h in used for s in h[1]]
     coeffs = posthoc_coefficients(times, sigmas, float(time), float(sigma_rel))
     # The destination tensors, checked before anything is read or written.
-    if isinstance(into, nn.Module):
-        if all(not n.startswith(("parameter ", "buffer ")) for n in names):
-            own = dict(into.named_parameters())
-            own.update(into.named_buffers())
-            missing = [n for n in names if n not in own]
-            if missing:
-                raise ValueError(f"synthesize_ema: into has no parameter/buffer {missing[:5]}")
-            dsts = [own[n] for n in names]
-        else:
-            dsts = list(into.parameters())
-            names = names[:num_params]
-    elif isinstance(into, torch.Tensor) or not isinstance(into, Sequence):
-        raise TypeError(f"synthesize_ema: into must be a module or a list of tensors, got {type(into).__name__}")
-    else:
-        dsts = list(into)
-        names = names[:num_params]
+    dsts, names = _destinations(into, names, num_params)
     if len(dsts) != len(names):
         raise ValueError(f"synthesize_ema: into has {len(dsts)} tensors, the snapshots {len(names)}")
-    first = used[0][0]["profiles"][0]
-    for i, (d, s) in enumerate(zip(dsts, first)):
-        if not isinstance(d, torch.Tensor) or d.shape != s.shape or not d.is_floating_point():
+    sharded_into = any(is_dtensor(d) for d in dsts)
+    if sharded_into:
+        dist = torch.distributed
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world != ranks:
+            raise ValueError(f"synthesize_ema: into is sharded over {ranks} rank(s), the snapshots were saved "
+                             + (f"by {world} ranks" if world else "whole") + ": synthesize on as many ranks, or "
+                             "into a whole model")
+        rank = dist.get_rank()
+        used = [([files[rank]], h) for files, h in used]  # this rank's own shards
+        dsts = [local_tensor(d) for d in dsts]
+    first = used[0][0][0]
+    if world is not None and not sharded_into:  # whole tensors, put together from the shards
+        shapes, offsets = first["shard"]["shapes"], [f["shard"]["offsets"] for f in used[0][0]]
+    else:
+        shapes, offsets = [list(t.shape) for t in first["profiles"][0]], None
+    for i, (d, shape) in enumerate(zip(dsts, shapes)):
+        if not isinstance(d, torch.Tensor) or list(d.shape) != shape or not d.is_floating_point():
             what = list(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
-            raise ValueError(f"synthesize_ema: into's {names[i]} is {what}, the snapshots' {list(s.shape)}")
-    sums = [torch.zeros(s.shape, dtype=torch.float64 if d.dtype == torch.float64 else torch.float32)
-            for d, s in zip(dsts, first)]
+            raise ValueError(f"synthesize_ema: into's {names[i]} is {what}, the snapshots' {shape}")
+    sums = [torch.zeros(shape, dtype=torch.float64 if d.dtype == torch.float64 else torch.float32)
+            for d, shape in zip(dsts, shapes)]
     k = 0
     for j in range(len(used)):  # one snapshot read at a time (its pages, then dropped)
-        data, used[j] = used[j][0], None
-        for profile in data["profiles"]:
-            tensors = [t if t.dtype != torch.float64 or s.dtype == torch.float64 else t.float()
-                       for t, s in zip(profile[:len(dsts)], sums)]
-            ops.accumulate_(sums, tensors, float(coeffs[k]))
+        files, used[j] = used[j][0], None
+        for p in range(len(files[0]["profiles"])):
+            for r, data in enumerate(files):
+                views, tensors = [], []
+                for i, (t, total) in enumerate(zip(data["profiles"][p][:len(dsts)], sums)):
+                    if offsets is not None:  # a shard's rows of the whole tensor (whole ones from rank 0)
+                        off = offsets[r][i]
+                        if off is None and r > 0:
+                            continue
+                        total = total if off is None else total.narrow(0, off, t.shape[0])
+                    views.append(total)
+                    tensors.append(t if t.dtype != torch.float64 or total.dtype == torch.float64 else t.float())
+                ops.accumulate_(views, tensors, float(coeffs[k]))
             k += 1
-        del data
+        del files
     for d, s in zip(dsts, sums):
         d.copy_(s)
     return coeffs
