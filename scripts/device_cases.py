@@ -85,6 +85,35 @@ def compensated_cases(device, gen):
     return ok
 
 
+def multi_list_cases(device, gen):
+    """ema_many_ with more profiles than one pass (4) on mixed pairs, misaligned views and more
+    tensors than one launch of depth 5 holds; window_push_ on a ring of two slots."""
+    n = 400
+    shapes = [(int(k),) for k in torch.randint(0, 300, (n,), generator=gen)] + SHAPES
+    pairs = [[(F32, F32), (F32, BF16), (F64, F32), (BF16, BF16)][i % 4] for i in range(len(shapes))]
+    xs = [rand(s, x, device, gen) for s, (_, x) in zip(shapes, pairs)]
+    base = rand((5000,), F32, device, gen)
+    xs.append(base[1:4097])  # misaligned
+    pairs.append((F32, F32))
+    weights = [0.5, 0.1, 0.01, 0.9, 0.25, 0.3]
+    avgs = [[rand(x.shape, o, device, gen) for x, (o, _) in zip(xs, pairs)] for _ in weights]
+    want = [[a.double().clone() for a in profile] for profile in avgs]
+    for w, profile in zip(weights, want):
+        ops.reference.ema_(profile, [x.double() for x in xs], w)
+    ops.ema_many_(avgs, xs, weights)
+    ok = all(check(f"ema_many_ profile {p}", avgs[p], want[p], 2e-2) for p in range(len(weights)))
+    sums = [torch.zeros(x.shape, dtype=F64, device=device) for x in xs]
+    ring = [[torch.zeros_like(x) for x in xs] for _ in range(2)]
+    history = []
+    for step in range(5):
+        new = [rand(x.shape, x.dtype, device, gen) for x in xs]
+        history.append(new)
+        ops.window_push_(sums, ring[step % 2], new)
+    want = [h1.double() + h2.double() for h1, h2 in zip(*history[-2:])]
+    ok &= check("window_push_", sums, want, 1e-9)
+    return ok
+
+
 def row_cases(device, gen):
     shapes = [(3,), (17, 241), (0,), (65536 * 2 + 5,)]
     k = 10  # more than one pass of 8 rows
@@ -122,7 +151,8 @@ def main(argv=None):
         context = contextlib.nullcontext()
     gen = torch.Generator().manual_seed(0)
     with context:
-        results = {f.__name__: f(device, gen) for f in (pair_cases, many_tensors, compensated_cases, row_cases)}
+        results = {f.__name__: f(device, gen)
+                   for f in (pair_cases, many_tensors, compensated_cases, multi_list_cases, row_cases)}
     if device != "cpu":
         torch.cuda.synchronize()
     for name, ok in results.items():

@@ -631,11 +631,13 @@ class WeightAveraging(_WrappedOptimizer):
             torch._foreach_copy_(self._int_averages, self._int_buffers_seen)
         self._num = n + 1
 
-    def _sample_gated(self, momentum: Optional[float]) -> None:
+    def _sample_gated(self, momentum: Optional[float],
+                      extra: Sequence[Tuple[Callable[..., Tuple[list, ...]], Optional[float]]] = ()) -> None:
         """A sample under ``skip_nonfinite``, with no host sync: one fused NaN/inf check per
         device sets a flag; the updates take their scalar as a device tensor that is NaN (the
         ops' gate: outputs untouched) when any device's flag is set, and the per-device
-        counters advance on the device."""
+        counters advance on the device. ``extra``: (pick, momentum) of further averages of the
+        same samples (picking lists as the op takes them), gated and counted with the main one."""
         if self._dtensor_params:
             self._regroup()  # FSDP2 may have given a parameter a new local tensor
         flags = [ops.nonfinite_flag(srcs) for _, srcs, _ in self._groups]
@@ -656,19 +658,24 @@ class WeightAveraging(_WrappedOptimizer):
 
         comp = self.compensated
         mean_op = "running_mean_compensated_" if comp else "running_mean_"
+        ema_op = "ema_compensated_" if comp else "ema_"
         pick = (lambda avgs, srcs, comps, _: (avgs, comps, srcs)) if comp else (lambda avgs, srcs, comps, _: (avgs, srcs))
-        if self.rule == "mean":
-            self._run_ops(mean_op, 0.0, pick, scalars=gate(bad, lambda c: c), planned=True)
-        else:
+        # (further averages of the same samples, e.g. PowerEMA's profiles: gated alike, counted once)
+        for k, (pick, momentum) in enumerate([(pick, momentum)] + list(extra)):
+            key = "" if k == 0 else f"/{k}"
+            if self.rule == "mean":
+                self._run_ops(mean_op, 0.0, pick, scalars=gate(bad, lambda c: c), planned=True, plan_key=mean_op + key)
+                continue
             # The first sample of an average is copied (count 0), later ones are EMA updates:
             # two gated calls, one of which does nothing.
             # A schedule's copy (momentum 1) is a first sample on every device.
             first = [(c == 0) | (momentum == 1.0) for c, _ in counts]
-            self._run_ops(mean_op, 0.0, pick,
-                          scalars=gate([b | ~f for b, f in zip(bad, first)], lambda c: torch.zeros_like(c)), planned=True)
-            self._run_ops("ema_compensated_" if comp else "ema_", momentum, pick,
-                          scalars=gate([b | f for b, f in zip(bad, first)],
-                                       lambda c: torch.full_like(c, momentum)), planned=True)
+            self._run_ops(mean_op, 0.0, pick, scalars=gate([b | ~f for b, f in zip(bad, first)],
+                                                           lambda c: torch.zeros_like(c)), planned=True,
+                          plan_key=mean_op + key)
+            self._run_ops(ema_op, momentum, pick, scalars=gate([b | f for b, f in zip(bad, first)],
+                                                              lambda c, m=momentum: torch.full_like(c, m)),
+                          planned=True, plan_key=ema_op + key)
         with torch.no_grad():
             for b, (count, skipped) in zip(bad, counts):
                 count.add_((~b).to(count.dtype))
