@@ -294,3 +294,20 @@ def test_device_code_keeps_to_the_seam():
                     or "getCurrentCUDAStream" in code or "CUDAGuard" in code):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_injected_faults_still_apply():
+    """scripts/emulation_faults.sh proves the emulated tests can fail by patching bugs into the
+    kernels; a patch that no longer applies (the code moved) proves nothing. Each must apply
+    to this checkout."""
+    import shutil
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout (the patches are applied with git apply)")
+    patches = sorted((repo / "scripts" / "faults").glob("*.patch"))
+    assert len(patches) >= 6
+    for patch in patches:
+        done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 0, f"{patch.name} no longer applies: {done.stderr}"

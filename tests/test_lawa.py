@@ -204,3 +204,29 @@ def test_bad_arguments_are_refused(kwargs, error, message):
     model = _model()
     with pytest.raises(error, match=message):
         wavg_ext.LAWA(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and wavg_ext.build_info()["cuda"]),
+                    reason="needs a CUDA device and wavg_ext built with CUDA kernels")
+def test_cuda_weights_with_the_ring_in_pinned_cpu_memory():
+    """storage_device="cpu" for CUDA weights: the leaving samples come to the GPU and the new
+    ones go back asynchronously; the sum and the means stay on the GPU."""
+    model = _model().cuda()
+    opt = wavg_ext.LAWA(torch.optim.SGD(model.parameters(), lr=0.1), window=3, storage_device="cpu",
+                        resum_every=4)
+    ref = WindowMean(model, 3, 1, 0)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 10):
+        loss = model(torch.randn(16, 6, generator=g).cuda()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref(step)
+    torch.cuda.synchronize()
+    window = opt.state_dict()["averaging"]["window"]
+    assert all(t.device.type == "cpu" and t.is_pinned() for slots in window["ring"] for t in slots)
+    assert all(t.device.type == "cuda" for t in window["sums"])
+    for a, r in zip(opt.averaged_parameters(), ref.mean()):
+        assert a.device.type == "cuda"
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=2e-7)
