@@ -4,8 +4,9 @@ One test per (device, case, class) on the first 40 ResNet-50 shapes: each first 
 wavg_ext's AveragedModel and torch's agree after an update of moved weights, then
 benchmarks its class's update_parameters; the same for ModelEMA.update and the model-EMA
 updates of the other libraries (those installed), and ops.ema_many_ (two power-EMA profiles
-from one read) next to two ema_ calls and ema-pytorch's PostHocEMA.update. With ``--benchmark-disable`` (CI) each body runs
-once, as a smoke test. No test asserts anything about timings.
+from one read) next to two ema_ calls and ema-pytorch's PostHocEMA.update, and a LAWA window
+sample (window_push_ + mean) next to torch loops and _foreach ops. With
+``--benchmark-disable`` (CI) each body runs once, as a smoke test. No test asserts anything about timings.
 """
 
 from __future__ import annotations
@@ -97,4 +98,29 @@ def test_power_ema_update(benchmark, device, case, which, tmp_path):
     for a, b, p in zip(fused.outs, before, holder.parameters()):
         torch.testing.assert_close(a.double(), torch.lerp(b.double(), p.double(), w), rtol=1e-5, atol=1e-5)
     assert separate.outs is fused.outs
+    benchmark(methods[which].run)
+
+
+LAWA_CASES = [c for c in dropin.all_cases(quick=True) if c.fn == "lawa"]
+
+
+@pytest.mark.parametrize("which", ["wavg_ext_window_push_", "torch_loop", "torch_foreach"])
+@pytest.mark.parametrize("case", LAWA_CASES, ids=[c.id for c in LAWA_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_lawa_window_sample(benchmark, device, case, which):
+    """The three ways agree (the mean of the samples so far), then one is benchmarked."""
+    benchmark.group = f"{case.id}-{device}"
+    g = torch.Generator(device=device).manual_seed(0)
+    holder = dropin.common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                        for s in dropin.common.SHAPE_SETS[case.shapes]()[:40]])
+    methods = dropin.lawa_methods(holder)  # each took the weights as its first sample
+    first = [p.detach().double().clone() for p in holder.parameters()]
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.add_(1.0)
+    for method in methods.values():
+        method.run()  # the second sample: the mean of the two
+    for name, method in methods.items():
+        for a, p, f in zip(method.outs, holder.parameters(), first):
+            torch.testing.assert_close(a.double(), (p.double() + f) / 2, rtol=1e-6, atol=1e-6, msg=name)
     benchmark(methods[which].run)

@@ -29,7 +29,7 @@ def test_its_benchmark_cases_exist():
     cuda_ids = [c.id for c in bench_twa.all_cases(False, torch.device("cuda"))]
     assert "project_-gpt2-k10-fp32" in cuda_ids and "project_-gpt2-k10-bf16" in cuda_ids
     assert not any("gpt2" in c.id for c in bench_twa.all_cases(False, torch.device("cpu")))
-    assert sum("gpt2" in c.id for c in bench_dropin.all_cases()) == 8  # gpu_check.sh: --suite dropin --cases gpt2
+    assert sum("gpt2" in c.id for c in bench_dropin.all_cases()) == 10  # gpu_check.sh: --suite dropin --cases gpt2
 
 
 def test_summary_table_from_a_benchmark_run(tmp_path):

@@ -7,7 +7,10 @@ ema-pytorch's ``EMA.update`` where those are installed. Power-function EMA cases
 (``power_ema``): ``ops.ema_many_`` updating two profiles from one read of the weights,
 against two ``ema_`` calls, one ``ema_`` (the yardstick: the fused op's floor is
 (2P + 1) / 3 = 5/3 of it) and ema-pytorch's ``PostHocEMA.update`` (one ``KarrasEMA`` per
-profile: a per-tensor ``lerp_`` loop and a host sync each) where it is installed.
+profile: a per-tensor ``lerp_`` loop and a host sync each) where it is installed. LAWA cases
+(``lawa``): one window sample (``ops.window_push_`` on a ring of 4 slots plus the mean into
+float32 averages) against the same update with per-tensor torch ops and with ``_foreach``
+ops.
 
 Cases: ResNet-50 and GPT-2-small parameter shapes, float32 and bfloat16 parameters (both
 classes keep averages in the parameters' dtype: a deep copy of the model), default SWA and
@@ -41,17 +44,64 @@ class DropInCase(NamedTuple):
 
     @property
     def id(self) -> str:
-        if self.fn in ("model_ema", "power_ema"):
+        if self.fn in ("model_ema", "power_ema", "lawa"):
             return f"{self.fn}-{self.shapes}-{common.short(self.dtype)}"
         return f"averaged_model-{self.fn}-{self.shapes}-{common.short(self.dtype)}"
 
 
 def all_cases(quick: bool = False) -> List[DropInCase]:
     """AveragedModel cases (fn "swa", "ema"), ModelEMA cases (fn "model_ema") and the
-    two-profile power EMA cases (fn "power_ema")."""
+    two-profile power EMA cases (fn "power_ema") and LAWA window samples (fn "lawa")."""
     shape_sets = ["resnet50"] if quick else ["resnet50", "gpt2"]
     return [DropInCase(s, d, fn) for s in shape_sets for d in (torch.float32, torch.bfloat16)
-            for fn in ("swa", "ema", "model_ema", "power_ema")]
+            for fn in ("swa", "ema", "model_ema", "power_ema", "lawa")]
+
+
+LAWA_WINDOW = 4
+
+
+def lawa_methods(holder: torch.nn.Module) -> Dict[str, common.Method]:
+    """name -> one LAWA window sample of ``holder``'s parameters (float64 running sums, a ring
+    of LAWA_WINDOW slots in the parameters' dtype, float32 means), each on its own copies; the
+    ring position advances with every call."""
+    params = [p.detach() for p in holder.parameters()]
+
+    def state():
+        return ([torch.zeros_like(p, dtype=torch.float64) for p in params],
+                [[torch.zeros_like(p) for p in params] for _ in range(LAWA_WINDOW)],
+                [torch.zeros_like(p, dtype=torch.float32) for p in params], [0])
+
+    def fused(sums, ring, avgs, n):
+        ops.window_push_(sums, ring[n[0] % LAWA_WINDOW], params)
+        n[0] += 1
+        ops.scale_copy_(avgs, sums, 1.0 / min(n[0], LAWA_WINDOW))
+
+    def loop(sums, ring, avgs, n):
+        slots = ring[n[0] % LAWA_WINDOW]
+        n[0] += 1
+        scale = 1.0 / min(n[0], LAWA_WINDOW)
+        for s, o, x, a in zip(sums, slots, params, avgs):
+            s.add_(x).sub_(o)
+            o.copy_(x)
+            a.copy_(s).mul_(scale)
+
+    def foreach(sums, ring, avgs, n):
+        slots = ring[n[0] % LAWA_WINDOW]
+        n[0] += 1
+        torch._foreach_add_(sums, params)
+        torch._foreach_sub_(sums, slots)
+        torch._foreach_copy_(slots, params)
+        torch._foreach_copy_(avgs, sums)
+        torch._foreach_mul_(avgs, 1.0 / min(n[0], LAWA_WINDOW))
+
+    out = {}
+    for name, fn in (("wavg_ext_window_push_", fused), ("torch_loop", loop), ("torch_foreach", foreach)):
+        st = state()
+        out[name] = common.Method(lambda fn=fn, st=st: fn(*st), st[2])
+    with torch.no_grad():
+        for method in out.values():
+            method.run()
+    return out
 
 
 POWER_SIGMA_RELS = (0.05, 0.28)  # EDM2's pair, ema-pytorch's default example
@@ -189,6 +239,12 @@ def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
                                      for s in common.SHAPE_SETS[case.shapes]()])
         fns = {k: m.run for k, m in power_ema_methods(holder, tmp.name).items()}
         baseline = "ema_pytorch_post_hoc" if "ema_pytorch_post_hoc" in fns else "wavg_ext_2x_ema_"
+    elif case.fn == "lawa":
+        g = torch.Generator(device=device).manual_seed(0)
+        holder = common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                     for s in common.SHAPE_SETS[case.shapes]()])
+        fns = {k: m.run for k, m in lawa_methods(holder).items()}
+        baseline = "torch_foreach"
     elif case.fn == "model_ema":
         g = torch.Generator(device=device).manual_seed(0)
         holder = common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
@@ -205,6 +261,8 @@ def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
     nbytes = 3 * sum(p.numel() * p.element_size() for p in holder.parameters())
     if case.fn == "power_ema":  # read x once, read and write two float32 averages
         nbytes = sum(p.numel() * (p.element_size() + 2 * len(POWER_SIGMA_RELS) * 4) for p in holder.parameters())
+    elif case.fn == "lawa":  # sum (float64) and slot read and written, x read; sum read and mean written
+        nbytes = sum(p.numel() * (2 * 8 + 3 * p.element_size() + 8 + 4) for p in holder.parameters())
     axpy = common.ceilings(nbytes, device)["ceiling_axpy"]()
     fns["ceiling_axpy"] = axpy.run
     times = common.time_interleaved(fns, device, rounds)
