@@ -227,31 +227,41 @@ PairPlan prepare_pairs(const OpSpec& spec, at::TensorList outs, at::TensorList i
 
 namespace {
 
-// comps against avgs, before prepare_pairs looks at (avgs, xs): avgs must not need
-// a temporary (the compensation is updated in place beside its average).
-void check_comps(const OpSpec& spec, at::TensorList avgs, at::TensorList comps) {
-  TORCH_CHECK_VALUE(comps.size() == avgs.size(), spec.name, ": comps has ", comps.size(),
-                    " tensors but avgs has ", avgs.size());
-  for (size_t i = 0; i < comps.size(); ++i) {
-    const at::Tensor& a = avgs[i];
-    const at::Tensor& c = comps[i];
-    check_tensor(spec.name, "avgs", i, a);
-    check_tensor(spec.name, "comps", i, c);
-    TORCH_CHECK_TYPE(c.scalar_type() == a.scalar_type(), spec.name, ": comps[", i, "] is ",
-                     c.scalar_type(), " but avgs[", i, "] is ", a.scalar_type(),
-                     "; a compensation has its average's dtype");
-    TORCH_CHECK_VALUE(c.sizes() == a.sizes(), spec.name, ": comps[", i, "] has shape ", c.sizes(),
-                      " but avgs[", i, "] has shape ", a.sizes());
-    TORCH_CHECK_VALUE(c.device() == a.device(), spec.name, ": comps[", i, "] is on ", c.device(),
-                      " but avgs[", i, "] is on ", a.device());
+// A list written beside the outputs (the compensated ops' comps, window_push_'s slots),
+// checked before prepare_pairs looks at (outs, ins): the same count, shape, device and
+// strides as the outputs, both dense (the outputs must not need a temporary: the aux list
+// is updated in place beside them); check_dtype(i) holds the list's own dtype rule.
+template <typename CheckDtype>
+void check_aux(const OpSpec& spec, at::TensorList outs, at::TensorList aux, const char* aux_name,
+               const char* like, const CheckDtype& check_dtype) {
+  TORCH_CHECK_VALUE(aux.size() == outs.size(), spec.name, ": ", aux_name, " has ", aux.size(),
+                    " tensors but ", spec.out_name, " has ", outs.size());
+  for (size_t i = 0; i < aux.size(); ++i) {
+    const at::Tensor& a = outs[i];
+    const at::Tensor& c = aux[i];
+    check_tensor(spec.name, spec.out_name, i, a);
+    check_tensor(spec.name, aux_name, i, c);
+    check_dtype(i);
+    TORCH_CHECK_VALUE(c.sizes() == a.sizes(), spec.name, ": ", aux_name, "[", i, "] has shape ", c.sizes(),
+                      " but ", spec.out_name, "[", i, "] has shape ", a.sizes());
+    TORCH_CHECK_VALUE(c.device() == a.device(), spec.name, ": ", aux_name, "[", i, "] is on ", c.device(),
+                      " but ", spec.out_name, "[", i, "] is on ", a.device());
     // Meta tensors (torch.compile tracing, maybe with symbolic sizes) have no layout to check.
     if (a.device().type() == c10::DeviceType::Meta || a.numel() == 0) continue;
     TORCH_CHECK_VALUE(a.is_non_overlapping_and_dense() && c.is_non_overlapping_and_dense() &&
                           a.strides() == c.strides(),
-                      spec.name, ": avgs[", i, "] and comps[", i,
-                      "] must be dense with the same strides (e.g. comps[i] = "
-                      "torch.zeros_like(avgs[i]))");
+                      spec.name, ": ", spec.out_name, "[", i, "] and ", aux_name, "[", i,
+                      "] must be dense with the same strides (e.g. ", aux_name, "[i] = ", like, ")");
   }
+}
+
+// comps against avgs: a compensation has its average's dtype.
+void check_comps(const OpSpec& spec, at::TensorList avgs, at::TensorList comps) {
+  check_aux(spec, avgs, comps, "comps", "torch.zeros_like(avgs[i])", [&](size_t i) {
+    TORCH_CHECK_TYPE(comps[i].scalar_type() == avgs[i].scalar_type(), spec.name, ": comps[", i, "] is ",
+                     comps[i].scalar_type(), " but avgs[", i, "] is ", avgs[i].scalar_type(),
+                     "; a compensation has its average's dtype");
+  });
 }
 
 template <typename Scalar>
@@ -370,34 +380,16 @@ ManyPlan prepare_ema_many(at::TensorList avgs, at::TensorList xs, at::ArrayRef<d
 
 namespace {
 
-// window_push_'s slots against its sums and xs, before prepare_pairs looks at (sums, xs):
-// a slot holds a sample (xs' dtype and shape) and sits beside its sum (same device,
-// strides, both dense: the sum needs no temporary).
+// window_push_'s slots against its sums and xs: a slot holds a sample (xs' dtype) beside
+// its sum.
 void check_slots(at::TensorList sums, at::TensorList slots, at::TensorList xs) {
-  const OpSpec& spec = spec::window_push;
-  TORCH_CHECK_VALUE(slots.size() == sums.size(), spec.name, ": slots has ", slots.size(),
-                    " tensors but sums has ", sums.size());
-  for (size_t i = 0; i < slots.size(); ++i) {
-    const at::Tensor& s = sums[i];
-    const at::Tensor& o = slots[i];
-    check_tensor(spec.name, "sums", i, s);
-    check_tensor(spec.name, "slots", i, o);
-    if (i < xs.size() && xs[i].defined()) {
-      TORCH_CHECK_TYPE(o.scalar_type() == xs[i].scalar_type(), spec.name, ": slots[", i, "] is ",
-                       o.scalar_type(), " but xs[", i, "] is ", xs[i].scalar_type(),
-                       "; a slot holds a sample in its own dtype");
-    }
-    TORCH_CHECK_VALUE(o.sizes() == s.sizes(), spec.name, ": slots[", i, "] has shape ", o.sizes(),
-                      " but sums[", i, "] has shape ", s.sizes());
-    TORCH_CHECK_VALUE(o.device() == s.device(), spec.name, ": slots[", i, "] is on ", o.device(),
-                      " but sums[", i, "] is on ", s.device());
-    if (s.device().type() == c10::DeviceType::Meta || s.numel() == 0) continue;
-    TORCH_CHECK_VALUE(s.is_non_overlapping_and_dense() && o.is_non_overlapping_and_dense() &&
-                          s.strides() == o.strides(),
-                      spec.name, ": sums[", i, "] and slots[", i,
-                      "] must be dense with the same strides (e.g. slots[i] = "
-                      "torch.zeros_like(sums[i], dtype=xs[i].dtype))");
-  }
+  check_aux(spec::window_push, sums, slots, "slots", "torch.zeros_like(sums[i], dtype=xs[i].dtype)",
+            [&](size_t i) {
+              if (i >= xs.size() || !xs[i].defined()) return;  // (prepare_pairs names these)
+              TORCH_CHECK_TYPE(slots[i].scalar_type() == xs[i].scalar_type(), spec::window_push.name,
+                               ": slots[", i, "] is ", slots[i].scalar_type(), " but xs[", i, "] is ",
+                               xs[i].scalar_type(), "; a slot holds a sample in its own dtype");
+            });
 }
 
 }  // namespace
