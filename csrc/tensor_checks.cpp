@@ -40,10 +40,14 @@ Span span_of(const at::Tensor& t, const void* data, bool dense, bool is_out, siz
 
 namespace {
 
+// a and b are elements of one spans vector. Two outputs are named in a fixed order, lower
+// index first and, at one index, the one pushed first: the sweep's order among equal starts
+// depends on the cached sort order, and the message must not.
 [[noreturn]] void overlap_error(const char* op, const Span& a, const Span& b) {
   if (a.is_out && b.is_out) {
-    const Span& first = a.index < b.index ? a : b;
-    const Span& second = a.index < b.index ? b : a;
+    const bool a_first = a.index < b.index || (a.index == b.index && &a < &b);
+    const Span& first = a_first ? a : b;
+    const Span& second = a_first ? b : a;
     TORCH_CHECK_VALUE(false, op, ": ", first.list, "[", first.index, "] and ", second.list, "[",
                       second.index, "] share memory; every output must be a separate tensor");
   }

@@ -208,3 +208,20 @@ def test_bad_calls_are_refused_before_anything_changes(case, path):
     finally:
         ops.force_reference(previous)
     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(tensors, before))
+
+
+def test_the_aliasing_message_does_not_depend_on_the_sweep_order():
+    # The overlap check caches its sort order per thread, and the call's own per-profile
+    # check runs just before the cross-profile one. With these addresses that check leaves
+    # an order which visits avgs[1][0] before avgs[0][0] (the same memory); the message must
+    # still name avgs[0][0] first (CI once saw it reversed).
+    buf = torch.zeros(64)
+    x1, a11 = buf[0:6].view(2, 3), buf[8:14].view(2, 3)
+    a00, a01, x0 = buf[16:20], buf[24:30].view(2, 3), buf[32:36]
+    x0.copy_(torch.randn(4))
+    x1.copy_(torch.randn(2, 3))
+    before = buf.clone()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=MESSAGES["aliased profiles"]):
+            ops.ema_many_([[a00, a01], [a00, a11]], [x0, x1], [0.1, 0.2])
+    assert torch.equal(buf, before)
