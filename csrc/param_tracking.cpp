@@ -117,9 +117,73 @@ pybind11::object changed_params(pybind11::handle groups, pybind11::handle params
   return std::move(changed);
 }
 
+// Whether a module tree still holds what wavg_ext._module_tree.TreeSnapshot recorded:
+// for root and then each of modules, its _modules, _parameters and _buffers are the
+// recorded dict objects (dicts, three a module), of the recorded lengths, holding the
+// recorded keys (equal strings) and values (the same objects) in order. Identity and
+// string comparisons only: no Python code runs while a dict is iterated. The lengths
+// matter: an object moved from the end of one dict to the start of the next (a parameter
+// made a buffer) leaves the entries in the same order.
+bool tree_unchanged(pybind11::handle root, pybind11::handle modules, pybind11::handle dicts,
+                    pybind11::handle lengths, pybind11::handle keys, pybind11::handle values) {
+  static PyObject* const kNames[3] = {PyUnicode_InternFromString("_modules"),
+                                      PyUnicode_InternFromString("_parameters"),
+                                      PyUnicode_InternFromString("_buffers")};
+  for (auto h : {modules, dicts, lengths, keys, values}) {
+    TORCH_CHECK_TYPE(PyList_Check(h.ptr()), "tree_unchanged: expected lists");
+  }
+  const Py_ssize_t nmodules = PyList_GET_SIZE(modules.ptr());
+  const Py_ssize_t nkeys = PyList_GET_SIZE(keys.ptr());
+  TORCH_CHECK_VALUE(PyList_GET_SIZE(dicts.ptr()) == 3 * (nmodules + 1) &&
+                        PyList_GET_SIZE(lengths.ptr()) == 3 * (nmodules + 1) &&
+                        PyList_GET_SIZE(values.ptr()) == nkeys,
+                    "tree_unchanged: the snapshot's lists do not correspond");
+  PyObject** want_dicts = PySequence_Fast_ITEMS(dicts.ptr());
+  PyObject** want_lengths = PySequence_Fast_ITEMS(lengths.ptr());
+  PyObject** want_keys = PySequence_Fast_ITEMS(keys.ptr());
+  PyObject** want_values = PySequence_Fast_ITEMS(values.ptr());
+  Py_ssize_t d = 0, k = 0;
+  for (Py_ssize_t i = -1; i < nmodules; ++i) {
+    PyObject* module = i < 0 ? root.ptr() : PyList_GET_ITEM(modules.ptr(), i);
+    for (PyObject* name : kNames) {
+      PyObject* now = PyObject_GetAttr(module, name);  // new reference
+      if (now == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      const bool same = now == want_dicts[d];
+      Py_DECREF(now);  // (the snapshot holds the recorded dict)
+      if (!same || !PyDict_Check(now)) return false;
+      const Py_ssize_t length = PyLong_AsSsize_t(want_lengths[d]);
+      if (length < 0 || PyDict_GET_SIZE(now) != length || k + length > nkeys) {
+        PyErr_Clear();
+        return false;
+      }
+      Py_ssize_t pos = 0;
+      PyObject *key, *value;  // borrowed
+      while (PyDict_Next(now, &pos, &key, &value)) {
+        if (value != want_values[k]) return false;
+        if (key != want_keys[k] && !(PyUnicode_Check(key) && PyUnicode_Check(want_keys[k]) &&
+                                     PyUnicode_Compare(key, want_keys[k]) == 0)) {
+          PyErr_Clear();
+          return false;
+        }
+        ++k;
+      }
+      ++d;
+    }
+  }
+  return k == nkeys;
+}
+
 }  // namespace
 
 void bind_param_tracking(pybind11::module& m) {
+  m.def("tree_unchanged", &tree_unchanged,
+        "Whether root and modules still hold the recorded _modules/_parameters/_buffers dicts, "
+        "lengths, keys and values (wavg_ext._module_tree.TreeSnapshot).",
+        pybind11::arg("root"), pybind11::arg("modules"), pybind11::arg("dicts"), pybind11::arg("lengths"),
+        pybind11::arg("keys"), pybind11::arg("values"));
   m.def(
       "param_metadata",
       [](pybind11::handle params) {

@@ -28,12 +28,14 @@ import copy
 import fnmatch
 import itertools
 import math
+import operator
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._module_tree import PairedTrees
 
 __all__ = ["ModelEMA", "ema_decay", "scheduled_decay", "WARMUPS"]
 
@@ -145,6 +147,40 @@ def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[T
     copy_tensors_(copies, copy_from)
 
 
+def _shape(t: Tensor) -> torch.Size:
+    return t.shape
+
+
+class _PairCache(PairedTrees):
+    """ModelEMA's pairs for the model it last updated from (:class:`PairedTrees`: kept while
+    neither tree changes, the model held weakly), with an :class:`ops.Plan` for the ``ema_``
+    call when it is one call on one device."""
+
+    __slots__ = ("plan",)
+
+    def release(self) -> None:
+        super().release()
+        self.plan = None
+
+    def run_ema(self, weight: float) -> bool:
+        """ops.ema_(avgs, xs, weight) through the kept plan; False when there is none (several
+        devices, xs to be moved) or it refused the tensors (something changed under them:
+        the caller then runs the op's own path, which says what, before any write)."""
+        try:
+            if getattr(self, "plan", None) is None:
+                avgs, xs = self.value[0], self.value[1]
+                calls = _calls("ema_", avgs, xs, weight)
+                one = len(calls) == 1 and calls[0][1] is avgs and calls[0][2] is xs
+                self.plan = ops.Plan("ema_", avgs, xs) if one else False
+            if self.plan is False:
+                return False
+            self.plan(weight)
+        except (TypeError, ValueError):
+            self.plan = None  # made again at the next call, for the tensors as they are then
+            return False
+        return True
+
+
 class ModelEMA(nn.Module):
     """An exponential moving average of ``model`` in a separate copy (``self.module``).
 
@@ -205,6 +241,7 @@ class ModelEMA(nn.Module):
         self.step = 0  # the step of the last update
         self.current_decay: Optional[float] = None
         self._stored: Optional[List[Tensor]] = None
+        self._cache: Optional[_PairCache] = None
         self.module = copy.deepcopy(model)
         self.module.eval()
         self.module.requires_grad_(False)
@@ -251,7 +288,21 @@ class ModelEMA(nn.Module):
     def _pairs(self, model: nn.Module):
         """(averages, the model's tensors, copies, their sources): the model's own tensors
         (parameters as they are: a later ``p.data = ...`` is followed), names checked here,
-        shapes by the ops' checks (names added on failure: ``_named_error``)."""
+        shapes by the ops' checks (names added on failure: ``_named_error``). Kept while
+        neither tree changes (:class:`_PairCache`): pairing them by name again costs more
+        than the update on models of many small tensors."""
+        cache = self.__dict__.get("_cache")
+        settings = (self.exclude, self.exclude_buffers)
+        if cache is not None:
+            pairs = cache.get(self.module, model, settings)
+            # (the copies' shapes: a ``.data`` of another shape stays the same object)
+            if pairs is not None and all(map(operator.eq, map(_shape, pairs[2]), map(_shape, pairs[3]))):
+                return pairs
+        pairs = self._pair_by_name(model)
+        self._cache = _PairCache.make(self.module, model, settings, pairs)
+        return pairs
+
+    def _pair_by_name(self, model: nn.Module):
         mine_p, mine_b = list(self.module.named_parameters()), list(self.module.named_buffers())
         their_p, their_b = list(model.named_parameters()), list(model.named_buffers())
         names = [n for n, _ in mine_p] + [n for n, _ in mine_b]
@@ -303,7 +354,11 @@ class ModelEMA(nn.Module):
         avgs, xs, copies, sources = self._pairs(model)
         seed = update_seed(self.seed, self.num_updates) if self.stochastic_rounding else None
         try:
-            ema_update_(avgs, xs, copies, sources, decay, seed)
+            cache = self.__dict__.get("_cache")
+            if seed is None and decay != 0.0 and cache is not None and cache.run_ema(1.0 - decay):
+                copy_tensors_(copies, sources)
+            else:
+                ema_update_(avgs, xs, copies, sources, decay, seed)
         except ValueError:
             self._named_error(model)  # a shape: say which tensor
             raise
@@ -313,6 +368,17 @@ class ModelEMA(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    # Pickling and deepcopy go through these (Module has __setstate__): the cache holds the
+    # model's tensors and a C++ plan, neither of which a copy should carry.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_cache", None)
 
     # -- putting the average into the training model ----------------------------------------
     def _targets(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor]]:

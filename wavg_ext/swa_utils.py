@@ -21,6 +21,7 @@ is written, where torch would stop half-way or silently skip the extra parameter
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim import swa_utils as _torch_swa
 
 from . import ops
+from ._module_tree import PairedTrees
 from .model_ema import group_pairs
 
 __all__ = ["AveragedModel", "get_ema_multi_avg_fn", "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn"]
@@ -182,6 +184,10 @@ class _BothAvgFnsError(ValueError, AssertionError):
     """Both avg_fn and multi_avg_fn given (torch raises AssertionError; a ValueError names it)."""
 
 
+def _shape(t: Tensor) -> torch.Size:
+    return t.shape
+
+
 def _named(module: nn.Module, use_buffers: bool) -> List[Tuple[str, Tensor]]:
     named = list(module.named_parameters())
     if use_buffers:
@@ -214,6 +220,7 @@ class AveragedModel(_torch_swa.AveragedModel):
         self._count = 0  # host mirror of n_averaged
         self._count_key = self._buffer_key()
         self._pinned: List[Tensor] = []  # staging for device-to-CPU copies (device=)
+        self._pairing: Optional[PairedTrees] = None  # the last update's pairs (see _pairs)
 
     # -- the host mirror of n_averaged ----------------------------------------------------
     def _buffer_key(self) -> Tuple[int, int]:
@@ -236,16 +243,34 @@ class AveragedModel(_torch_swa.AveragedModel):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_pinned"] = []
+        state["_pairing"] = None  # holds the model's tensors
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._count_key = (-1, -1)
         self._pinned = []
+        self._pairing = None
 
     # -- update ---------------------------------------------------------------------------
-    def _pairs(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor]]:
-        """(averaged tensors, the model's), checked to correspond before anything is written."""
+    def _pairs(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor], bool]:
+        """(averaged tensors, the model's, the copied buffers, the model's, checked): the
+        tensors themselves (a later ``p.data = ...`` is followed), paired by name and shape
+        (checked: True), or the pairing kept from the last update while neither tree changed
+        (:class:`PairedTrees`; checked: False, the shapes are for the caller to check: a
+        ``.data`` of another shape stays the same object). Pairing them by name again costs
+        more than the update on models of many small tensors."""
+        pairing = self.__dict__.get("_pairing")
+        if pairing is not None:
+            value = pairing.get(self.module, model, self.use_buffers)
+            if value is not None:
+                return value + (False,)
+        value = self._pair_by_name(model)
+        self._pairing = PairedTrees.make(self.module, model, self.use_buffers, value)
+        return value + (True,)
+
+    def _pair_by_name(self, model: nn.Module) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+        """Raises a ValueError naming what does not correspond before anything is written."""
         mine = _named(self.module, self.use_buffers)
         theirs = _named(model, self.use_buffers)
         what = "parameters and buffers" if self.use_buffers else "parameters"
@@ -256,7 +281,36 @@ class AveragedModel(_torch_swa.AveragedModel):
             if a.shape != x.shape:
                 raise ValueError(f"update_parameters: the model's {their_name} has shape {tuple(x.shape)}, its "
                                  f"average {tuple(a.shape)}")
-        return [a.detach() for _, a in mine], [x.detach() for _, x in theirs]
+        buffers: List[Tensor] = []
+        model_buffers: List[Tensor] = []
+        if not self.use_buffers:
+            named_buffers = list(self.module.named_buffers())
+            model_buffers = list(model.buffers())
+            if len(named_buffers) != len(model_buffers):
+                raise ValueError(f"update_parameters: the model has {len(model_buffers)} buffers, the averaged "
+                                 f"model {len(named_buffers)}: not the model this AveragedModel was made from")
+            for (name, b), m in zip(named_buffers, model_buffers):
+                if b.shape != m.shape:
+                    raise ValueError(f"update_parameters: the model's buffer {name} has shape {tuple(m.shape)}, "
+                                     f"the averaged model's {tuple(b.shape)}")
+            buffers = [b for _, b in named_buffers]
+        return [a for _, a in mine], [x for _, x in theirs], buffers, model_buffers
+
+    def _check_shapes(self, model: nn.Module, checked: bool, avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> None:
+        """Pairs from an earlier update: any shape changed since raises the error that names it."""
+        if not checked and not all(map(operator.eq, map(_shape, avgs), map(_shape, xs))):
+            self._pair_by_name(model)
+
+    @staticmethod
+    def _one_call(op: str, avgs: Sequence[Tensor], xs: Sequence[Tensor], scalar: Any) -> bool:
+        """Whether one call of op takes all the pairs (all floating-point, each x on its
+        average's device, one device: the op's own check passes). Where it does not, the
+        pairs are grouped, and a bad pair is named by the groups' checks."""
+        try:
+            ops.validate(op, avgs, xs, scalar)
+        except (TypeError, ValueError):
+            return False
+        return True
 
     def _on_devices(self, avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> List[Tensor]:
         """xs, each on its average's device. GPU to CPU goes through pinned buffers (reused
@@ -289,30 +343,34 @@ class AveragedModel(_torch_swa.AveragedModel):
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """Adds the model's current weights to the average (the first call copies them)."""
-        avgs, xs = self._pairs(model)
-        if not self.use_buffers:
-            buffers = [b.detach() for b in self.module.buffers()]
-            model_buffers = [b.detach() for b in model.buffers()]
-            if len(buffers) != len(model_buffers):
-                raise ValueError(f"update_parameters: the model has {len(model_buffers)} buffers, the averaged "
-                                 f"model {len(buffers)}: not the model this AveragedModel was made from")
-            for (name, b), m in zip(self.module.named_buffers(), model_buffers):
-                if b.shape != m.shape:
-                    raise ValueError(f"update_parameters: the model's buffer {name} has shape {tuple(m.shape)}, "
-                                     f"the averaged model's {tuple(b.shape)}")
+        avgs, xs, buffers, model_buffers, checked = self._pairs(model)
+        self._check_shapes(model, checked, buffers, model_buffers)
         n = self._host_count()
         fused = _fused_kind(self.multi_avg_fn if self.multi_avg_fn is not None else self.avg_fn)
         if self.avg_fn is None and self.multi_avg_fn is None:
             fused = ("swa", None)
-        xs = self._on_devices(avgs, xs)
+        op, scalar = None, None
         if n == 0 or fused is not None:
-            # Check every fused call before the first one writes.
             op, scalar = ("scale_copy_", 1.0) if n == 0 else (
                 ("running_mean_", n) if fused[0] == "swa" else ("ema_", 1.0 - fused[1]))
+        if op is not None and self._one_call(op, avgs, xs, scalar):
+            # The common case, every pair floating-point on one device: one check, one call
+            # (the groups and device moves below cost a Python step a tensor).
+            getattr(ops, op)(avgs, xs, scalar)
+        elif op is not None:
+            xs = self._on_devices(avgs, xs)
+            # Check every fused call before the first one writes.
             groups = self._groups(avgs, xs, by_dtype=False)
             for (_, is_float), (ga, gx) in groups.items():
-                if is_float:
+                if not is_float:
+                    self._check_shapes(model, checked, ga, gx)
+                    continue
+                try:
                     ops.validate(op, ga, gx, scalar)
+                except ValueError:
+                    if not checked:
+                        self._pair_by_name(model)  # a shape changed since: say which tensor
+                    raise
             for (device, is_float), (ga, gx) in groups.items():
                 if is_float:
                     getattr(ops, op)(ga, gx, scalar)
@@ -325,11 +383,15 @@ class AveragedModel(_torch_swa.AveragedModel):
                         else:
                             _torch_swa.get_ema_multi_avg_fn(fused[1])(da, dx, None)
         elif self.multi_avg_fn is not None:  # a function of the user's: called as torch calls it
+            xs = self._on_devices(avgs, xs)
+            self._check_shapes(model, checked, avgs, xs)
             for (device, _), (ga, gx) in self._groups(avgs, xs, by_dtype=True).items():
-                self.multi_avg_fn(ga, gx, self.n_averaged.to(device))
+                self.multi_avg_fn([a.detach() for a in ga], [x.detach() for x in gx], self.n_averaged.to(device))
         else:
+            xs = self._on_devices(avgs, xs)
+            self._check_shapes(model, checked, avgs, xs)
             for a, x in zip(avgs, xs):
-                a.copy_(self.avg_fn(a, x, self.n_averaged.to(a.device)))
+                a.detach().copy_(self.avg_fn(a.detach(), x.detach(), self.n_averaged.to(a.device)))
         if not self.use_buffers:  # buffers follow the model
             model_buffers = self._on_devices(buffers, model_buffers)
             for (_, _), (gb, gm) in self._groups(buffers, model_buffers, by_dtype=True).items():

@@ -111,6 +111,25 @@ class ParamHolder(nn.Module):
         self.params = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in tensors])
 
 
+class _Leaf(nn.Module):
+    def __init__(self, t: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(t, requires_grad=False)
+
+
+class TreeHolder(nn.Module):
+    """An nn.Module whose parameters are the given tensors (storage shared), one per leaf
+    module, the leaves nested in blocks of ``fanout`` modules up to the root: a model's
+    depth (ResNet-50: 161 tensors, 4 levels) for what walks the module tree each update."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], fanout: int = 4):
+        super().__init__()
+        level: List[nn.Module] = [_Leaf(t) for t in tensors]
+        while len(level) > fanout:
+            level = [nn.Sequential(*level[i:i + fanout]) for i in range(0, len(level), fanout)]
+        self.blocks = nn.ModuleList(level)
+
+
 # Value of every element of a ceiling's output after one call (a correctness check for the tests).
 CEILING_RESULT = {"ceiling_copy": 1.0, "ceiling_triad": 2.0, "ceiling_axpy": 2.5}
 

@@ -53,8 +53,9 @@ def all_cases(quick: bool = False) -> List[DropInCase]:
     """AveragedModel cases (fn "swa", "ema"), ModelEMA cases (fn "model_ema") and the
     two-profile power EMA cases (fn "power_ema") and LAWA window samples (fn "lawa")."""
     shape_sets = ["resnet50"] if quick else ["resnet50", "gpt2"]
-    return [DropInCase(s, d, fn) for s in shape_sets for d in (torch.float32, torch.bfloat16)
-            for fn in ("swa", "ema", "model_ema", "power_ema", "lawa")]
+    return ([DropInCase(s, d, fn) for s in shape_sets for d in (torch.float32, torch.bfloat16)
+             for fn in ("swa", "ema", "model_ema", "power_ema", "lawa")]
+            + [DropInCase("many_small", torch.float32, "model_ema")])
 
 
 LAWA_WINDOW = 4
@@ -245,10 +246,10 @@ def run_case(case: DropInCase, device: torch.device, rounds: int) -> List[dict]:
                                      for s in common.SHAPE_SETS[case.shapes]()])
         fns = {k: m.run for k, m in lawa_methods(holder).items()}
         baseline = "torch_foreach"
-    elif case.fn == "model_ema":
+    elif case.fn == "model_ema":  # (a module tree: every library walks it each update)
         g = torch.Generator(device=device).manual_seed(0)
-        holder = common.ParamHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
-                                     for s in common.SHAPE_SETS[case.shapes]()])
+        holder = common.TreeHolder([torch.randn(s, generator=g, device=device).to(case.dtype)
+                                    for s in common.SHAPE_SETS[case.shapes]()])
         for p in holder.parameters():
             p.requires_grad_(True)  # diffusers copies parameters that need no grad
         fns: Dict[str, Callable[[], object]] = {k: m.run for k, m in model_ema_methods(holder).items()}
