@@ -3,8 +3,8 @@
 ``ModelEMA.update(model)`` and ``AveragedModel.update_parameters(model)`` pair the model's
 parameters and buffers with their averages by name. Walking the tree for that
 (``named_parameters()``, ``named_buffers()``, on both models) costs far more than the
-fused update itself on models of many small tensors: 20 ms a step for 1000 ``Linear``
-layers, against 1 ms for the update. A :class:`TreeSnapshot` records what those walks read
+fused update itself on models of many small tensors: about 5 ms an update for 1000
+``Linear`` layers on this project's CPU, against 0.3 ms for the fused update. A :class:`TreeSnapshot` records what those walks read
 (every module of the tree, its ``_modules``, ``_parameters`` and ``_buffers`` dicts and each
 of their entries) and checks, in one C++ pass of a few tens of ns an entry, that all of
 it is still the same: the same module, dict and tensor objects under the same keys.
