@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import wavg_ext
 from wavg_ext import AveragedModel, ModelEMA, get_ema_multi_avg_fn
 
 
@@ -33,7 +34,7 @@ def _step(model, gen):
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=gen).to(t.dtype) * 0.1)
+                t.add_(torch.randn(t.shape, generator=gen).to(t.device, t.dtype) * 0.1)
 
 
 def _bits(wrapper):
@@ -213,3 +214,32 @@ def test_a_model_that_walks_its_own_way_is_paired_each_time(kind):
         if change is not None:
             change(model)
         _update_both(how, ours, twin, model, gen)
+
+
+CUDA_WRAPPERS = {
+    "ModelEMA": Wrapper(lambda m: ModelEMA(m, decay=0.9), lambda w, m: w.update(m)),
+    "ModelEMA on the CPU": Wrapper(lambda m: ModelEMA(m, decay=0.9, device="cpu"), lambda w, m: w.update(m)),
+    "AveragedModel": Wrapper(AveragedModel, lambda w, m: w.update_parameters(m)),
+    "AveragedModel on the CPU": Wrapper(lambda m: AveragedModel(m, device="cpu"), lambda w, m: w.update_parameters(m)),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and wavg_ext.build_info()["cuda"]),
+                    reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("kind", list(CUDA_WRAPPERS))
+def test_a_cuda_model_changed_between_updates(kind):
+    """The kept pairing with a CUDA model, averaged on the GPU (one planned call) or on the
+    CPU (the pairs moved each update): the same bits as a fresh pairing, through .data
+    replaced, a parameter replaced and the model moved to float16."""
+    how = CUDA_WRAPPERS[kind]
+    gen = torch.Generator().manual_seed(0)
+    model = Net().cuda()
+    ours, twin = how.make(model), how.make(model)
+    changes = (None, FOLLOWED["data"], FOLLOWED["parameter replaced"], FOLLOWED["half"])
+    for change in changes:
+        if change is not None:
+            change(model)
+            model.cuda()  # (the replacements were made on the CPU)
+        for _ in range(2):
+            _update_both(how, ours, twin, model, gen)
