@@ -21,17 +21,24 @@ from __future__ import annotations
 import itertools
 import operator
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import _C
 
-__all__ = ["TreeSnapshot", "PairedTrees"]
+__all__ = ["TreeSnapshot", "PairedTrees", "same_shapes"]
 
 _DICTS = operator.attrgetter("_modules", "_parameters", "_buffers")
+_SHAPE = operator.attrgetter("shape")
 # What named_parameters() / named_buffers() of the root run, and named_modules() of every module
 _ROOT_METHODS = ("named_parameters", "named_buffers", "_named_members", "named_modules", "parameters", "buffers")
+
+
+def same_shapes(avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> bool:
+    """Whether avgs[i] and xs[i] have one shape for every i: kept pairs re-check this, as a
+    ``.data`` of another shape leaves the tensor the same object."""
+    return all(map(operator.eq, map(_SHAPE, avgs), map(_SHAPE, xs)))
 
 
 def _walks_by_default(root: nn.Module, modules: List[nn.Module]) -> bool:

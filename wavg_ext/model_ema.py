@@ -28,14 +28,13 @@ import copy
 import fnmatch
 import itertools
 import math
-import operator
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._module_tree import PairedTrees
+from ._module_tree import PairedTrees, same_shapes
 
 __all__ = ["ModelEMA", "ema_decay", "scheduled_decay", "WARMUPS"]
 
@@ -145,10 +144,6 @@ def ema_update_(avgs: Sequence[Tensor], xs: Sequence[Tensor], copies: Sequence[T
     for op, ga, gx, args in calls:
         getattr(ops, op)(ga, gx, *args)
     copy_tensors_(copies, copy_from)
-
-
-def _shape(t: Tensor) -> torch.Size:
-    return t.shape
 
 
 class _PairCache(PairedTrees):
@@ -295,8 +290,8 @@ class ModelEMA(nn.Module):
         settings = (self.exclude, self.exclude_buffers)
         if cache is not None:
             pairs = cache.get(self.module, model, settings)
-            # (the copies' shapes: a ``.data`` of another shape stays the same object)
-            if pairs is not None and all(map(operator.eq, map(_shape, pairs[2]), map(_shape, pairs[3]))):
+            # (the copies' shapes; the averaged pairs' are checked by the ops)
+            if pairs is not None and same_shapes(pairs[2], pairs[3]):
                 return pairs
         pairs = self._pair_by_name(model)
         self._cache = _PairCache.make(self.module, model, settings, pairs)

@@ -21,7 +21,6 @@ is written, where torch would stop half-way or silently skip the extra parameter
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim import swa_utils as _torch_swa
 
 from . import ops
-from ._module_tree import PairedTrees
+from ._module_tree import PairedTrees, same_shapes
 from .model_ema import group_pairs
 
 __all__ = ["AveragedModel", "get_ema_multi_avg_fn", "get_swa_multi_avg_fn", "get_ema_avg_fn", "get_swa_avg_fn"]
@@ -184,10 +183,6 @@ class _BothAvgFnsError(ValueError, AssertionError):
     """Both avg_fn and multi_avg_fn given (torch raises AssertionError; a ValueError names it)."""
 
 
-def _shape(t: Tensor) -> torch.Size:
-    return t.shape
-
-
 def _named(module: nn.Module, use_buffers: bool) -> List[Tuple[str, Tensor]]:
     named = list(module.named_parameters())
     if use_buffers:
@@ -298,16 +293,17 @@ class AveragedModel(_torch_swa.AveragedModel):
 
     def _check_shapes(self, model: nn.Module, checked: bool, avgs: Sequence[Tensor], xs: Sequence[Tensor]) -> None:
         """Pairs from an earlier update: any shape changed since raises the error that names it."""
-        if not checked and not all(map(operator.eq, map(_shape, avgs), map(_shape, xs))):
+        if not checked and not same_shapes(avgs, xs):
             self._pair_by_name(model)
 
     @staticmethod
     def _one_call(op: str, avgs: Sequence[Tensor], xs: Sequence[Tensor], scalar: Any) -> bool:
-        """Whether one call of op takes all the pairs (all floating-point, each x on its
-        average's device, one device: the op's own check passes). Where it does not, the
-        pairs are grouped, and a bad pair is named by the groups' checks."""
+        """Runs op over all the pairs in one call where it takes them (all floating-point,
+        each x on its average's device, one device); False where its check refuses them,
+        which it does before writing anything: the pairs are then grouped, and a bad pair is
+        named by the groups' checks."""
         try:
-            ops.validate(op, avgs, xs, scalar)
+            getattr(ops, op)(avgs, xs, scalar)
         except (TypeError, ValueError):
             return False
         return True
@@ -340,6 +336,34 @@ class AveragedModel(_torch_swa.AveragedModel):
         """{(device, dtype or fused/other): ([avg], [x])}, in order of first appearance."""
         return group_pairs(avgs, xs, lambda a: (a.device, a.dtype if by_dtype else a.dtype in _FUSED_DTYPES))
 
+    def _fused_by_groups(self, model: nn.Module, checked: bool, op: str, scalar: Any, avgs: Sequence[Tensor],
+                         xs: Sequence[Tensor], n: int, fused: Optional[Tuple[str, Optional[float]]]) -> None:
+        """op per device over the floating-point pairs (each x already on its average's
+        device), torch's arithmetic on the others; every fused call checked before the first
+        one writes."""
+        groups = self._groups(avgs, xs, by_dtype=False)
+        for (_, is_float), (ga, gx) in groups.items():
+            if not is_float:
+                self._check_shapes(model, checked, ga, gx)
+                continue
+            try:
+                ops.validate(op, ga, gx, scalar)
+            except ValueError:
+                if not checked:
+                    self._pair_by_name(model)  # a shape changed since: say which tensor
+                raise
+        for (device, is_float), (ga, gx) in groups.items():
+            if is_float:
+                getattr(ops, op)(ga, gx, scalar)
+            elif n == 0:
+                torch._foreach_copy_(ga, gx)
+            else:  # integer / complex tensors: torch's own arithmetic
+                for (_, dtype), (da, dx) in self._groups(ga, gx, by_dtype=True).items():
+                    if fused[0] == "swa":
+                        _swa_other_dtypes(da, dx, n)  # the host count: no device read
+                    else:
+                        _torch_swa.get_ema_multi_avg_fn(fused[1])(da, dx, None)
+
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         """Adds the model's current weights to the average (the first call copies them)."""
@@ -353,45 +377,20 @@ class AveragedModel(_torch_swa.AveragedModel):
         if n == 0 or fused is not None:
             op, scalar = ("scale_copy_", 1.0) if n == 0 else (
                 ("running_mean_", n) if fused[0] == "swa" else ("ema_", 1.0 - fused[1]))
-        if op is not None and self._one_call(op, avgs, xs, scalar):
-            # The common case, every pair floating-point on one device: one check, one call
-            # (the groups and device moves below cost a Python step a tensor).
-            getattr(ops, op)(avgs, xs, scalar)
-        elif op is not None:
+        # The common case, every pair floating-point on one device, runs in one call; the rest
+        # is grouped by device and kind (a Python step a tensor).
+        if op is None or not self._one_call(op, avgs, xs, scalar):
             xs = self._on_devices(avgs, xs)
-            # Check every fused call before the first one writes.
-            groups = self._groups(avgs, xs, by_dtype=False)
-            for (_, is_float), (ga, gx) in groups.items():
-                if not is_float:
-                    self._check_shapes(model, checked, ga, gx)
-                    continue
-                try:
-                    ops.validate(op, ga, gx, scalar)
-                except ValueError:
-                    if not checked:
-                        self._pair_by_name(model)  # a shape changed since: say which tensor
-                    raise
-            for (device, is_float), (ga, gx) in groups.items():
-                if is_float:
-                    getattr(ops, op)(ga, gx, scalar)
-                elif n == 0:
-                    torch._foreach_copy_(ga, gx)
-                else:  # integer / complex tensors: torch's own arithmetic
-                    for (_, dtype), (da, dx) in self._groups(ga, gx, by_dtype=True).items():
-                        if fused[0] == "swa":
-                            _swa_other_dtypes(da, dx, n)  # the host count: no device read
-                        else:
-                            _torch_swa.get_ema_multi_avg_fn(fused[1])(da, dx, None)
-        elif self.multi_avg_fn is not None:  # a function of the user's: called as torch calls it
-            xs = self._on_devices(avgs, xs)
-            self._check_shapes(model, checked, avgs, xs)
-            for (device, _), (ga, gx) in self._groups(avgs, xs, by_dtype=True).items():
-                self.multi_avg_fn([a.detach() for a in ga], [x.detach() for x in gx], self.n_averaged.to(device))
-        else:
-            xs = self._on_devices(avgs, xs)
-            self._check_shapes(model, checked, avgs, xs)
-            for a, x in zip(avgs, xs):
-                a.detach().copy_(self.avg_fn(a.detach(), x.detach(), self.n_averaged.to(a.device)))
+            if op is not None:
+                self._fused_by_groups(model, checked, op, scalar, avgs, xs, n, fused)
+            elif self.multi_avg_fn is not None:  # a function of the user's: called as torch calls it
+                self._check_shapes(model, checked, avgs, xs)
+                for (device, _), (ga, gx) in self._groups(avgs, xs, by_dtype=True).items():
+                    self.multi_avg_fn([a.detach() for a in ga], [x.detach() for x in gx], self.n_averaged.to(device))
+            else:
+                self._check_shapes(model, checked, avgs, xs)
+                for a, x in zip(avgs, xs):
+                    a.detach().copy_(self.avg_fn(a.detach(), x.detach(), self.n_averaged.to(a.device)))
         if not self.use_buffers:  # buffers follow the model
             model_buffers = self._on_devices(buffers, model_buffers)
             for (_, _), (gb, gm) in self._groups(buffers, model_buffers, by_dtype=True).items():
